@@ -1,0 +1,215 @@
+"""Typed dataclass configs stored as YAML.
+
+Every stage describes its settings with a frozen dataclass; this module turns YAML (or a dict) into one,
+checking every key and value type, and back. A wrong key is an error that names the key and the file,
+so a typo never silently falls back to a default.
+
+Example::
+
+    @dataclass(frozen=True, kw_only=True, slots=True)
+    class OptimConfig:
+        lr: float = 5e-4
+        betas: tuple[float, float] = (0.9, 0.98)
+
+    cfg = load_config(OptimConfig, "optim.yaml")
+    cfg = apply_overrides(cfg, ["lr=1e-4"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+
+import yaml
+
+from pipeline.io import atomic_write_text
+
+__all__ = [
+    "ConfigError",
+    "apply_overrides",
+    "config_hash",
+    "from_dict",
+    "load_config",
+    "save_config",
+    "to_dict",
+    "to_yaml",
+]
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config file or dict does not match its dataclass (unknown key, wrong type, bad value)."""
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, where: str, source: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and convert it (lists to tuples, ints to floats)."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        options = get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _convert(value, option, where, source)
+            except ConfigError:
+                continue  # try the next member of the union; the error below names them all
+        raise ConfigError(f"{source}: '{where}' = {value!r} is not a {_type_name(tp)}")
+    if origin is Literal:
+        if value not in get_args(tp):
+            choices = ", ".join(repr(c) for c in get_args(tp))
+            raise ConfigError(f"{source}: '{where}' = {value!r} is not one of {choices}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: '{where}' must be a mapping for {tp.__name__}, got {value!r}")
+        return _build(tp, value, prefix=f"{where}.", source=source)
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: '{where}' must be a list, got {value!r}")
+        args = get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(args) != len(value):
+                raise ConfigError(f"{source}: '{where}' must have {len(args)} items, got {len(value)}")
+            items = [_convert(v, a, f"{where}[{i}]", source) for i, (v, a) in enumerate(zip(value, args))]
+        else:
+            item_tp = args[0] if args else Any
+            items = [_convert(v, item_tp, f"{where}[{i}]", source) for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: '{where}' must be a mapping, got {value!r}")
+        key_tp, val_tp = get_args(tp) or (Any, Any)
+        return {
+            _convert(k, key_tp, where, source): _convert(v, val_tp, f"{where}.{k}", source)
+            for k, v in value.items()
+        }
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{source}: '{where}' must be a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: '{where}' must be an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: '{where}' must be true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: '{where}' must be a string, got {value!r}")
+        return value
+    if tp is Path:
+        if not isinstance(value, (str, Path)):
+            raise ConfigError(f"{source}: '{where}' must be a path, got {value!r}")
+        return Path(value)
+    raise TypeError(f"config field '{where}' has an unsupported annotation {tp!r}")
+
+
+def _build(cls: type[T], data: dict, *, prefix: str, source: str) -> T:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        known = ", ".join(sorted(fields))
+        raise ConfigError(
+            f"{source}: unknown key '{prefix}{unknown[0]}' for {cls.__name__} (known keys: {known})"
+        )
+    kwargs = {}
+    for name, field in fields.items():
+        if name in data:
+            kwargs[name] = _convert(data[name], hints[name], f"{prefix}{name}", source)
+        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{source}: required key '{prefix}{name}' for {cls.__name__} is missing")
+    try:
+        return cls(**kwargs)
+    except ValueError as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"{source}: {cls.__name__}: {err}") from err
+
+
+def from_dict(cls: type[T], data: dict | None, *, source: str = "<dict>") -> T:
+    """Build the dataclass ``cls`` from a plain dict, checking keys and types recursively."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    return _build(cls, data, prefix="", source=source)
+
+
+def load_config(cls: type[T], path: str | Path) -> T:
+    """Read a YAML file into the dataclass ``cls``; errors name the file and the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    return from_dict(cls, data, source=str(path))
+
+
+def to_dict(cfg: Any) -> Any:
+    """Plain-data view of a config: dicts, lists, strings and numbers only."""
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {str(k): to_dict(v) for k, v in cfg.items()}
+    if isinstance(cfg, Path):
+        return str(cfg)
+    return cfg
+
+
+def to_yaml(cfg: Any) -> str:
+    """The config as YAML text; ``from_dict(type(cfg), yaml.safe_load(to_yaml(cfg))) == cfg``."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def save_config(cfg: Any, path: str | Path) -> Path:
+    """Write the resolved config next to an output, atomically."""
+    return atomic_write_text(Path(path), to_yaml(cfg))
+
+
+def config_hash(cfg: Any, length: int = 16) -> str:
+    """A stable content hash of a config (canonical JSON, sorted keys), used in cache keys."""
+    canonical = json.dumps(to_dict(cfg), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:length]
+
+
+def apply_overrides(cfg: T, overrides: list[str] | tuple[str, ...], *, source: str = "command line") -> T:
+    """Return a copy of ``cfg`` with ``key.sub=value`` overrides applied (values parsed as YAML)."""
+    data = to_dict(cfg)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"{source}: override '{item}' must look like key.sub=value")
+        dotted, raw = item.split("=", 1)
+        keys = dotted.strip().split(".")
+        node = data
+        for depth, key in enumerate(keys[:-1]):
+            if not isinstance(node.get(key), dict):
+                where = ".".join(keys[: depth + 1])
+                raise ConfigError(f"{source}: unknown key '{where}' in override '{item}'")
+            node = node[key]
+        if keys[-1] not in node:
+            raise ConfigError(f"{source}: unknown key '{dotted}' in override '{item}'")
+        node[keys[-1]] = yaml.safe_load(raw)
+    return from_dict(type(cfg), data, source=source)

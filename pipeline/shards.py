@@ -1,0 +1,322 @@
+"""The feature shard format: one row per image, written as Parquet and as WebDataset members.
+
+This module owns the schema, the column names and the shard naming; nothing else spells them out.
+
+A row holds the detector's output for one image: ``num_boxes`` boxes with their ROI features, 6-d
+geometry, class labels and names, attributes, and the image's ``tags`` text. Per-box arrays are stored
+as Arrow ``list<fixed_size_list<...>>`` columns, so a whole column comes back as one numpy array
+``[total_boxes, k]`` plus row offsets, without copying.
+
+Parquet file metadata carries ``softclip.schema_version``; files of another version are refused with a
+message saying which version the reader expects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import tarfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.io import atomic_path
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "FeatureRecord",
+    "RaggedColumn",
+    "SchemaVersionError",
+    "box_geometry",
+    "error_record",
+    "feature_schema",
+    "ragged_column",
+    "read_feature_frame",
+    "read_feature_table",
+    "read_webdataset_shard",
+    "sample_to_record",
+    "records_to_table",
+    "shard_name",
+    "table_to_records",
+    "write_parquet_shard",
+    "write_webdataset_shard",
+]
+
+SCHEMA_VERSION = 1
+METADATA_VERSION_KEY = b"softclip.schema_version"
+METADATA_FEATURE_DIM_KEY = b"softclip.feature_dim"
+GEOMETRY_DIM = 6
+# WebDataset member suffixes for the array fields, stored as .npy (numpy.load without pickle).
+_NPY_MEMBERS = {"boxes": "boxes.npy", "geometry": "geometry.npy", "roi_features": "roi.npy",
+                "labels": "labels.npy", "scores": "scores.npy"}
+
+
+class SchemaVersionError(ValueError):
+    """A shard was written with a schema version this reader does not understand."""
+
+
+def shard_name(index: int) -> str:
+    """The name of shard ``index`` without extension, as img2dataset writes it: ``00042``."""
+    return f"{index:05d}"
+
+
+def box_geometry(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Oscar/VinVL 6-d position feature: ``[x1/W, y1/H, x2/W, y2/H, (x2-x1)/W, (y2-y1)/H]``, float32.
+
+    Args:
+        boxes: ``[n, 4]`` boxes ``(x1, y1, x2, y2)`` in original-image pixels.
+        width, height: the original image size ``W``, ``H``.
+    """
+    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    scale = np.array([width, height, width, height], dtype=np.float32)
+    norm = boxes / scale
+    return np.concatenate([norm, norm[:, 2:4] - norm[:, 0:2]], axis=1).astype(np.float32)
+
+
+@dataclasses.dataclass(kw_only=True)
+class FeatureRecord:
+    """One image's row. Per-box arrays have ``num_boxes`` rows; zero boxes is valid."""
+
+    key: str
+    shard: str
+    width: int
+    height: int
+    status: str = "success"  # "success" or "error"
+    error: str | None = None
+    caption: str | None = None
+    boxes: np.ndarray  # [n, 4] float32, original pixels
+    geometry: np.ndarray  # [n, 6] float32, see box_geometry
+    roi_features: np.ndarray  # [n, D] float16
+    labels: np.ndarray  # [n] int32
+    scores: np.ndarray  # [n] float32
+    class_names: list[str]
+    attr_labels: list[list[int]]  # per box, the kept attributes (may be empty)
+    attr_names: list[list[str]]
+    attr_scores: list[list[float]]
+    tags: str = ""  # "attribute class" per box, descending confidence
+    detector: str = ""
+
+    @property
+    def num_boxes(self) -> int:
+        return int(len(self.boxes))
+
+
+def error_record(key: str, shard: str, error: str, *, feature_dim: int, detector: str = "",
+                 caption: str | None = None, width: int = 0, height: int = 0) -> FeatureRecord:
+    """A row for an image that could not be processed: ``status="error"`` and zero boxes."""
+    return FeatureRecord(
+        key=key, shard=shard, width=width, height=height, status="error", error=error, caption=caption,
+        boxes=np.zeros((0, 4), np.float32), geometry=np.zeros((0, GEOMETRY_DIM), np.float32),
+        roi_features=np.zeros((0, feature_dim), np.float16), labels=np.zeros(0, np.int32),
+        scores=np.zeros(0, np.float32), class_names=[], attr_labels=[], attr_names=[], attr_scores=[],
+        tags="", detector=detector,
+    )
+
+
+def feature_schema(feature_dim: int) -> pa.Schema:
+    """The Arrow schema of a feature shard whose ROI features have ``feature_dim`` channels."""
+    return pa.schema(
+        [
+            ("key", pa.string()),
+            ("shard", pa.string()),
+            ("width", pa.int32()),
+            ("height", pa.int32()),
+            ("status", pa.string()),
+            ("error", pa.string()),
+            ("caption", pa.string()),
+            ("num_boxes", pa.int32()),
+            ("boxes", pa.list_(pa.list_(pa.float32(), 4))),
+            ("geometry", pa.list_(pa.list_(pa.float32(), GEOMETRY_DIM))),
+            ("roi_features", pa.list_(pa.list_(pa.float16(), feature_dim))),
+            ("labels", pa.list_(pa.int32())),
+            ("scores", pa.list_(pa.float32())),
+            ("class_names", pa.list_(pa.string())),
+            ("attr_labels", pa.list_(pa.list_(pa.int32()))),
+            ("attr_names", pa.list_(pa.list_(pa.string()))),
+            ("attr_scores", pa.list_(pa.list_(pa.float32()))),
+            ("tags", pa.string()),
+            ("detector", pa.string()),
+        ],
+        metadata={METADATA_VERSION_KEY: str(SCHEMA_VERSION).encode(),
+                  METADATA_FEATURE_DIM_KEY: str(feature_dim).encode()},
+    )
+
+
+def _nested(rows: list[np.ndarray], width: int, dtype: np.dtype, item_type: pa.DataType) -> pa.Array:
+    """Build ``list<fixed_size_list<item, width>>`` from per-row ``[n_i, width]`` arrays."""
+    counts = np.array([len(r) for r in rows], dtype=np.int32)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    flat = np.concatenate([np.asarray(r, dtype=dtype).reshape(-1, width) for r in rows]) if rows else (
+        np.zeros((0, width), dtype))
+    values = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1), type=item_type), width)
+    return pa.ListArray.from_arrays(pa.array(offsets), values)
+
+
+def records_to_table(records: list[FeatureRecord], feature_dim: int) -> pa.Table:
+    """Arrow table of ``records`` in the feature schema (the order of ``records`` is kept)."""
+    for r in records:
+        if r.roi_features.shape[1:] != (feature_dim,) or len(r.roi_features) != r.num_boxes:
+            raise ValueError(f"record {r.key}: roi_features shape {r.roi_features.shape} does not match "
+                             f"{r.num_boxes} boxes x feature_dim {feature_dim}")
+    schema = feature_schema(feature_dim)
+    columns = {
+        "key": [r.key for r in records],
+        "shard": [r.shard for r in records],
+        "width": [r.width for r in records],
+        "height": [r.height for r in records],
+        "status": [r.status for r in records],
+        "error": [r.error for r in records],
+        "caption": [r.caption for r in records],
+        "num_boxes": [r.num_boxes for r in records],
+        "boxes": _nested([r.boxes for r in records], 4, np.float32, pa.float32()),
+        "geometry": _nested([r.geometry for r in records], GEOMETRY_DIM, np.float32, pa.float32()),
+        "roi_features": _nested([r.roi_features for r in records], feature_dim, np.float16, pa.float16()),
+        "labels": [np.asarray(r.labels, np.int32).tolist() for r in records],
+        "scores": [np.asarray(r.scores, np.float32).tolist() for r in records],
+        "class_names": [list(r.class_names) for r in records],
+        "attr_labels": [[list(map(int, a)) for a in r.attr_labels] for r in records],
+        "attr_names": [[list(a) for a in r.attr_names] for r in records],
+        "attr_scores": [[list(map(float, a)) for a in r.attr_scores] for r in records],
+        "tags": [r.tags for r in records],
+        "detector": [r.detector for r in records],
+    }
+    arrays = [columns[f.name] if isinstance(columns[f.name], pa.Array) else pa.array(columns[f.name], f.type)
+              for f in schema]
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def write_parquet_shard(path: str | Path, records: list[FeatureRecord], *, feature_dim: int) -> Path:
+    """Write ``records`` to ``path`` as one zstd-compressed Parquet file, atomically."""
+    table = records_to_table(records, feature_dim)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd", compression_level=3)
+    return Path(path)
+
+
+def _check_version(metadata: dict | None, path: str | Path) -> None:
+    found = (metadata or {}).get(METADATA_VERSION_KEY)
+    if found is None:
+        raise SchemaVersionError(f"{path}: not a softclip feature shard (no {METADATA_VERSION_KEY.decode()} "
+                                 "in its metadata)")
+    if int(found) != SCHEMA_VERSION:
+        raise SchemaVersionError(
+            f"{path}: feature shard schema version {int(found)}, this softclip reads version "
+            f"{SCHEMA_VERSION}; re-extract it with this version or use the softclip that wrote it")
+
+
+def read_feature_table(path: str | Path, columns: list[str] | None = None) -> pa.Table:
+    """Read a Parquet feature shard as an Arrow table, checking its schema version."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"feature shard not found: {path}")
+    _check_version(pq.read_schema(path).metadata, path)
+    return pq.read_table(path, columns=columns)
+
+
+def read_feature_frame(path: str | Path, columns: list[str] | None = None) -> pl.DataFrame:
+    """Read a Parquet feature shard as a polars frame, checking its schema version."""
+    return pl.from_arrow(read_feature_table(path, columns))
+
+
+@dataclasses.dataclass(frozen=True)
+class RaggedColumn:
+    """A per-box column as one array: row ``i`` is ``values[offsets[i]:offsets[i + 1]]``."""
+
+    values: np.ndarray  # [total_boxes, k] (or [total_boxes] for scalar per-box columns)
+    offsets: np.ndarray  # [num_rows + 1] int
+
+    def row(self, i: int) -> np.ndarray:
+        return self.values[self.offsets[i]:self.offsets[i + 1]]
+
+
+def ragged_column(table: pa.Table, name: str) -> RaggedColumn:
+    """The per-box column ``name`` of ``table`` as numpy, without copying where Arrow allows."""
+    column = table.column(name).combine_chunks()
+    offsets = column.offsets.to_numpy()
+    inner = column.values
+    if pa.types.is_fixed_size_list(inner.type):
+        width = inner.type.list_size
+        values = inner.values.to_numpy(zero_copy_only=False).reshape(-1, width)
+    else:
+        values = inner.to_numpy(zero_copy_only=False)
+    # Slice offsets are absolute into `values` when the column is a slice of a larger buffer.
+    return RaggedColumn(values=values, offsets=offsets)
+
+
+def table_to_records(table: pa.Table) -> list[FeatureRecord]:
+    """Rows of a feature table as :class:`FeatureRecord` objects (copies; for tests and small shards)."""
+    arrays = {name: ragged_column(table, name) for name in _NPY_MEMBERS}
+    plain = table.drop_columns(list(_NPY_MEMBERS) + ["num_boxes"]).to_pylist()
+    return [
+        FeatureRecord(**row, **{name: np.array(arrays[name].row(i)) for name in _NPY_MEMBERS})
+        for i, row in enumerate(plain)
+    ]
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0  # deterministic bytes
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_webdataset_shard(path: str | Path, records: Iterable[FeatureRecord],
+                           images: dict[str, bytes] | None = None) -> Path:
+    """Write ``records`` as a WebDataset tar, atomically: per key ``.json`` (scalars, names, attributes),
+    ``.txt`` (caption), ``.boxes.npy``, ``.geometry.npy``, ``.roi.npy``, ``.labels.npy``, ``.scores.npy``
+    and, when ``images`` has the key, ``.jpg`` (the encoded image, for packed training shards)."""
+    with atomic_path(path) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for r in records:
+            meta = {f.name: getattr(r, f.name) for f in dataclasses.fields(r) if f.name not in _NPY_MEMBERS}
+            meta["num_boxes"] = r.num_boxes
+            meta["schema_version"] = SCHEMA_VERSION
+            _add_member(tar, f"{r.key}.json", json.dumps(meta).encode())
+            if r.caption is not None:
+                _add_member(tar, f"{r.key}.txt", r.caption.encode())
+            for field, suffix in _NPY_MEMBERS.items():
+                _add_member(tar, f"{r.key}.{suffix}", _npy_bytes(getattr(r, field)))
+            if images and r.key in images:
+                _add_member(tar, f"{r.key}.jpg", images[r.key])
+    return Path(path)
+
+
+def sample_to_record(sample: dict[str, bytes | str], source: str = "<sample>") -> FeatureRecord:
+    """Turn one WebDataset sample (suffix -> raw bytes, as ``webdataset`` or :func:`read_webdataset_shard`
+    yields it) back into a :class:`FeatureRecord`, checking the schema version."""
+    meta = json.loads(sample["json"])
+    version = meta.pop("schema_version", None)
+    if version != SCHEMA_VERSION:
+        raise SchemaVersionError(f"{source}: sample {meta.get('key')} has schema version {version}, "
+                                 f"this softclip reads version {SCHEMA_VERSION}")
+    meta.pop("num_boxes", None)
+    arrays = {field: np.load(io.BytesIO(sample[suffix]), allow_pickle=False)
+              for field, suffix in _NPY_MEMBERS.items()}
+    return FeatureRecord(**meta, **arrays)
+
+
+def read_webdataset_shard(path: str | Path) -> Iterator[tuple[FeatureRecord, bytes | None]]:
+    """Yield ``(record, image_bytes_or_None)`` from a feature WebDataset tar, in file order."""
+    with tarfile.open(path, "r") as tar:
+        sample: dict[str, bytes] = {}
+        current = None
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, _, suffix = member.name.partition(".")
+            if current is not None and key != current:
+                yield sample_to_record(sample, str(path)), sample.get("jpg")
+                sample = {}
+            current = key
+            sample[suffix] = tar.extractfile(member).read()
+        if current is not None:
+            yield sample_to_record(sample, str(path)), sample.get("jpg")
