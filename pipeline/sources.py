@@ -1,0 +1,200 @@
+"""Image-text sources: img2dataset-style WebDataset tars, or an image folder with a captions file.
+
+A source is a list of shards; each shard yields :class:`Sample` objects that carry their shard name, so
+stages can work, write and resume shard by shard. Reading never decodes images (that is the stage's job,
+through :func:`pipeline.images.decode_image`) and never stops at a bad sample: a truncated member comes
+back as a sample with ``error`` set, and the samples before it are yielded as usual. Only a shard that
+cannot be opened at all raises :class:`SourceError`.
+
+Example::
+
+    source = open_source("data/cc3m/{00000..00331}.tar")
+    for shard in source.shards:
+        for sample in source.iter_shard(shard):
+            ...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import braceexpand
+import polars as pl
+
+from pipeline.shards import shard_name
+
+__all__ = ["IMAGE_EXTENSIONS", "Sample", "Source", "SourceError", "SourceShard", "open_source"]
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
+CAPTION_FILES = ("captions.parquet", "captions.jsonl", "captions.csv")
+_IMAGE_COLUMNS = ("image", "file", "filename", "path")
+_CAPTION_COLUMNS = ("caption", "text")
+
+
+class SourceError(ValueError):
+    """A dataset or one of its shards cannot be read at all."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class Sample:
+    """One image-text pair as stored; ``image`` is the encoded file, ``error`` a read problem."""
+
+    key: str
+    shard: str
+    image: bytes | None
+    caption: str | None
+    meta: dict
+    error: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class SourceShard:
+    """A unit of work: a tar file, or a slice of rows of a captions file."""
+
+    name: str
+    path: Path
+    rows: tuple[int, int] | None = None  # [start, stop) rows of a captions file
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """An image-text dataset split into shards."""
+
+    spec: str
+    kind: str  # "webdataset" or "folder"
+    shards: tuple[SourceShard, ...]
+    _captions: pl.DataFrame | None = None
+    _image_root: Path | None = None
+
+    def iter_shard(self, shard: SourceShard) -> Iterator[Sample]:
+        """Yield the samples of ``shard`` in storage order."""
+        if self.kind == "webdataset":
+            yield from _iter_tar(shard)
+        else:
+            yield from _iter_folder_rows(shard, self._captions, self._image_root)
+
+
+def _split_member(name: str) -> tuple[str, str]:
+    """WebDataset convention: the key is the path up to the first dot of the basename."""
+    directory, _, base = name.rpartition("/")
+    stem, _, suffix = base.partition(".")
+    return (f"{directory}/{stem}" if directory else stem), suffix.lower()
+
+
+def _make_sample(key: str, shard: str, members: dict[str, bytes], error: str | None = None) -> Sample:
+    meta: dict = {}
+    if "json" in members:
+        try:
+            meta = json.loads(members["json"])
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            error = error or f"unreadable json member: {err}"
+    image = next((members[ext] for ext in IMAGE_EXTENSIONS if ext in members), None)
+    caption = members["txt"].decode("utf-8", errors="replace") if "txt" in members else meta.get("caption")
+    return Sample(key=key, shard=shard, image=image, caption=caption, meta=meta, error=error)
+
+
+def _iter_tar(shard: SourceShard) -> Iterator[Sample]:
+    try:
+        tar = tarfile.open(shard.path, "r")
+    except (tarfile.TarError, OSError) as err:
+        raise SourceError(f"{shard.path}: cannot open shard as a tar file ({err})") from err
+    with tar:
+        key, members = None, {}
+        try:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                member_key, suffix = _split_member(member.name)
+                if key is not None and member_key != key:
+                    yield _make_sample(key, shard.name, members)
+                    members = {}
+                key = member_key
+                data = tar.extractfile(member).read()
+                if len(data) != member.size:
+                    raise tarfile.ReadError(f"member {member.name} has {len(data)} of {member.size} bytes")
+                members[suffix] = data
+        except (tarfile.TarError, OSError, EOFError) as err:
+            if key is not None:
+                yield _make_sample(key, shard.name, members, error=f"truncated tar member: {err}")
+            return
+        if key is not None:
+            yield _make_sample(key, shard.name, members)
+
+
+def _iter_folder_rows(shard: SourceShard, captions: pl.DataFrame, image_root: Path) -> Iterator[Sample]:
+    start, stop = shard.rows
+    for row in captions.slice(start, stop - start).iter_rows(named=True):
+        image_path = image_root / row["image"]
+        meta = {k: v for k, v in row.items() if k not in ("image", "caption", "key")}
+        meta["image"] = row["image"]
+        try:
+            image, error = image_path.read_bytes(), None
+        except OSError as err:
+            image, error = None, f"cannot read image file {image_path}: {err.strerror or err}"
+        yield Sample(key=row["key"], shard=shard.name, image=image, caption=row["caption"], meta=meta, error=error)
+
+
+def _read_captions(path: Path) -> pl.DataFrame:
+    if path.suffix == ".parquet":
+        frame = pl.read_parquet(path)
+    elif path.suffix == ".jsonl":
+        frame = pl.read_ndjson(path)
+    elif path.suffix == ".csv":
+        frame = pl.read_csv(path, infer_schema=False)
+    else:
+        raise SourceError(f"{path}: captions file must be .csv, .jsonl or .parquet")
+    image_col = next((c for c in _IMAGE_COLUMNS if c in frame.columns), None)
+    caption_col = next((c for c in _CAPTION_COLUMNS if c in frame.columns), None)
+    if image_col is None or caption_col is None:
+        raise SourceError(f"{path}: needs an image column (one of {', '.join(_IMAGE_COLUMNS)}) and a caption "
+                          f"column (one of {', '.join(_CAPTION_COLUMNS)}); found {', '.join(frame.columns)}")
+    frame = frame.rename({image_col: "image", caption_col: "caption"})
+    if "key" not in frame.columns:
+        frame = frame.with_row_index("key").with_columns(pl.col("key").cast(pl.String).str.zfill(9))
+    return frame.with_columns(pl.col("key").cast(pl.String))
+
+
+def _folder_source(spec: str, captions_path: Path, image_root: Path, samples_per_shard: int) -> Source:
+    captions = _read_captions(captions_path)
+    shards = tuple(
+        SourceShard(name=shard_name(i), path=captions_path,
+                    rows=(start, min(start + samples_per_shard, captions.height)))
+        for i, start in enumerate(range(0, captions.height, samples_per_shard))
+    )
+    return Source(spec=spec, kind="folder", shards=shards, _captions=captions, _image_root=image_root)
+
+
+def open_source(spec: str | Path, *, samples_per_shard: int = 10_000) -> Source:
+    """Open a dataset given as a directory of tars, a brace pattern (``cc3m/{00000..00331}.tar``), one tar,
+    a captions file (.csv/.jsonl/.parquet with image and caption columns; image paths relative to it), or
+    a directory holding ``captions.{parquet,jsonl,csv}``. Raises :class:`SourceError` when nothing usable
+    is there, saying what was expected."""
+    spec = str(spec)
+    path = Path(spec)
+    if "{" in spec:
+        paths = [Path(p) for p in braceexpand.braceexpand(spec)]
+        missing = [p for p in paths if not p.is_file()]
+        if missing:
+            raise SourceError(f"{spec}: {len(missing)} of {len(paths)} shards are missing, e.g. {missing[0]}")
+        tars = paths
+    elif path.is_dir():
+        tars = sorted(path.glob("*.tar"))
+        if not tars:
+            for name in CAPTION_FILES:
+                if (path / name).is_file():
+                    return _folder_source(spec, path / name, path, samples_per_shard)
+            raise SourceError(f"{spec}: no *.tar shards and no {' / '.join(CAPTION_FILES)} in this directory; "
+                              "expected an img2dataset output folder or an image folder with a captions file")
+    elif path.is_file() and path.suffix == ".tar":
+        tars = [path]
+    elif path.is_file() and path.suffix in (".csv", ".jsonl", ".parquet"):
+        return _folder_source(spec, path, path.parent, samples_per_shard)
+    else:
+        raise SourceError(f"{spec}: no such dataset (expected a directory of .tar shards, a brace pattern, "
+                          "a .tar file, or a captions .csv/.jsonl/.parquet file)")
+    shards = tuple(SourceShard(name=p.name.removesuffix(".tar"), path=p) for p in tars)
+    return Source(spec=spec, kind="webdataset", shards=shards)
