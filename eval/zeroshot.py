@@ -1,0 +1,136 @@
+"""Zero-shot classification math: pure functions on embedding tensors, no model and no I/O.
+
+The classifier follows CLIP (Radford et al., 2021, Sec. 3.1.4) as open_clip and CLIP_benchmark build it:
+each class's prompt embeddings are L2-normalised, averaged and renormalised,
+
+    w_c = normalize( (1/T) * sum_t normalize(e_{c,t}) ),                                   (Eq. 1)
+
+and an image with normalised embedding ``x`` gets logits ``x @ W.T`` (the logit scale is left out: it is a
+positive constant and changes no ranking).
+
+Metrics, as CLIP_benchmark defines them (``clip_benchmark/metrics/zeroshot_classification.py``):
+
+* top-k accuracy: the fraction of samples whose true class is among the k highest logits;
+* mean per-class recall: CLIP_benchmark uses ``sklearn.metrics.balanced_accuracy_score(target, pred)``,
+  which averages recall over the classes *present in the targets*; a class that no sample belongs to is
+  left out of the average (sklearn drops the NaN recall of a class that is predicted but absent, and
+  never sees a class that is neither). We do the same: a class with no samples does not count.
+
+Ties are resolved against the sample (pessimistic): the rank of the true class is the number of *other*
+classes whose logit is greater than *or equal to* the true class's logit, and the sample is correct at k
+when that rank is below k. So a sample whose true class ties with another for the top logit is not a
+top-1 hit. ``torch.topk`` (which CLIP_benchmark uses) breaks ties arbitrarily; without ties the two agree.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "classification_metrics",
+    "classifier_from_template_embeddings",
+    "mean_per_class_recall",
+    "top_k_accuracy",
+    "true_class_ranks",
+]
+
+
+def classifier_from_template_embeddings(template_embeddings: torch.Tensor) -> torch.Tensor:
+    """Zero-shot classifier rows from prompt embeddings (Eq. 1 of the module docstring).
+
+    Args:
+        template_embeddings: ``Tensor[C, T, D]``, the text embedding of template ``t`` filled with class
+            ``c`` (need not be normalised).
+
+    Returns:
+        ``Tensor[C, D]``: one unit-norm row per class, the renormalised mean of its normalised templates.
+    """
+    if template_embeddings.ndim != 3 or 0 in template_embeddings.shape:
+        raise ValueError(
+            f"template_embeddings must be a non-empty [classes, templates, dim] tensor, "
+            f"got shape {tuple(template_embeddings.shape)}"
+        )
+    mean = F.normalize(template_embeddings.float(), dim=-1).mean(dim=1)
+    return F.normalize(mean, dim=-1)
+
+
+def _check_logits_labels(logits: torch.Tensor, labels: torch.Tensor) -> None:
+    if logits.ndim != 2 or labels.ndim != 1 or logits.shape[0] != labels.shape[0]:
+        raise ValueError(
+            f"logits must be [N, C] and labels [N]; got {tuple(logits.shape)} and {tuple(labels.shape)}"
+        )
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= logits.shape[1]):
+        raise ValueError(
+            f"labels must lie in [0, {logits.shape[1]}); got range [{int(labels.min())}, {int(labels.max())}]"
+        )
+
+
+def true_class_ranks(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Rank of each sample's true class, ties counted against the sample.
+
+    Args:
+        logits: ``Tensor[N, C]`` image-to-class scores.
+        labels: ``Tensor[N]`` integer true classes in ``[0, C)``.
+
+    Returns:
+        ``LongTensor[N]``: the number of other classes scoring ``>=`` the true class (0 = a clean top-1).
+    """
+    _check_logits_labels(logits, labels)
+    labels = labels.long()
+    true_scores = logits.gather(1, labels[:, None])
+    at_least = (logits >= true_scores).sum(dim=1)
+    return at_least - 1  # the true class itself always counts once
+
+
+def top_k_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
+    """Fraction of samples whose true class is among the ``k`` highest logits (ties count against).
+
+    Args:
+        logits: ``Tensor[N, C]``; labels: ``Tensor[N]``; k: ``1 <= k <= C``.
+    """
+    if not 1 <= k <= logits.shape[-1]:
+        raise ValueError(f"k={k} must lie in [1, number of classes={logits.shape[-1]}]")
+    if labels.numel() == 0:
+        raise ValueError("top_k_accuracy needs at least one sample")
+    return (true_class_ranks(logits, labels) < k).float().mean().item()
+
+
+def mean_per_class_recall(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Average over the classes present in ``labels`` of the fraction of their samples ranked top-1.
+
+    Classes with no sample are left out (CLIP_benchmark / sklearn ``balanced_accuracy_score``); ties
+    count against the sample, as in :func:`true_class_ranks`.
+    """
+    if labels.numel() == 0:
+        raise ValueError("mean_per_class_recall needs at least one sample")
+    correct = (true_class_ranks(logits, labels) == 0).float()
+    labels = labels.long()
+    num_classes = logits.shape[1]
+    hits = torch.zeros(num_classes).index_add_(0, labels, correct)
+    counts = torch.bincount(labels, minlength=num_classes).float()
+    present = counts > 0
+    return (hits[present] / counts[present]).mean().item()
+
+
+def classification_metrics(
+    image_embeddings: torch.Tensor, classifier: torch.Tensor, labels: torch.Tensor
+) -> dict[str, float | None]:
+    """Top-1, top-5 and mean per-class recall of a zero-shot classifier.
+
+    Args:
+        image_embeddings: ``Tensor[N, D]`` (normalised here).
+        classifier: ``Tensor[C, D]`` from :func:`classifier_from_template_embeddings`.
+        labels: ``Tensor[N]`` true classes.
+
+    Returns:
+        ``{"top1", "top5", "mean_per_class_recall"}`` as fractions in [0, 1]; ``top5`` is ``None`` when
+        there are fewer than 5 classes (CLIP_benchmark reports NaN there).
+    """
+    logits = F.normalize(image_embeddings.float(), dim=-1) @ F.normalize(classifier.float(), dim=-1).T
+    num_classes = logits.shape[1]
+    return {
+        "top1": top_k_accuracy(logits, labels, 1),
+        "top5": top_k_accuracy(logits, labels, 5) if num_classes >= 5 else None,
+        "mean_per_class_recall": mean_per_class_recall(logits, labels),
+    }
