@@ -51,23 +51,65 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+def _convert_union(value: Any, tp: Any, where: str, source: str) -> Any:
+    options = get_args(tp)
+    if value is None and type(None) in options:
+        return None
+    for option in options:
+        if option is type(None):
+            continue
+        try:
+            return _convert(value, option, where, source)
+        except ConfigError:
+            continue  # try the next member of the union; the error below names them all
+    raise ConfigError(f"{source}: '{where}' = {value!r} is not a {_type_name(tp)}")
+
+
+def _convert_sequence(value: Any, tp: Any, where: str, source: str) -> Any:
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{source}: '{where}' must be a list, got {value!r}")
+    origin, args = get_origin(tp), get_args(tp)
+    if origin is tuple and args and args[-1] is not Ellipsis:
+        if len(args) != len(value):
+            raise ConfigError(f"{source}: '{where}' must have {len(args)} items, got {len(value)}")
+        items = [_convert(v, a, f"{where}[{i}]", source) for i, (v, a) in enumerate(zip(value, args))]
+    else:
+        item_tp = args[0] if args else Any
+        items = [_convert(v, item_tp, f"{where}[{i}]", source) for i, v in enumerate(value)]
+    return tuple(items) if origin is tuple else items
+
+
+def _convert_mapping(value: Any, tp: Any, where: str, source: str) -> Any:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{source}: '{where}' must be a mapping, got {value!r}")
+    key_tp, val_tp = get_args(tp) or (Any, Any)
+    return {_convert(k, key_tp, where, source): _convert(v, val_tp, f"{where}.{k}", source)
+            for k, v in value.items()}
+
+
+def _convert_scalar(value: Any, tp: Any, where: str, source: str) -> Any:
+    if tp is float and isinstance(value, str):  # PyYAML reads "1e-4" (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass  # reported below as not a number
+    expected = {float: ((int, float), "a number"), int: ((int,), "an integer"), bool: ((bool,), "true or false"),
+                str: ((str,), "a string"), Path: ((str, Path), "a path")}
+    if tp not in expected:
+        raise TypeError(f"config field '{where}' has an unsupported annotation {tp!r}")
+    kinds, words = expected[tp]
+    if not isinstance(value, kinds) or (isinstance(value, bool) and tp is not bool):
+        raise ConfigError(f"{source}: '{where}' must be {words}, got {value!r}")
+    return tp(value) if tp in (float, Path) else value
+
+
 def _convert(value: Any, tp: Any, where: str, source: str) -> Any:
     """Check ``value`` against the annotation ``tp`` and convert it (lists to tuples, ints to floats)."""
     origin = get_origin(tp)
     if tp is Any:
         return value
     if origin in (Union, types.UnionType):
-        options = get_args(tp)
-        if value is None and type(None) in options:
-            return None
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _convert(value, option, where, source)
-            except ConfigError:
-                continue  # try the next member of the union; the error below names them all
-        raise ConfigError(f"{source}: '{where}' = {value!r} is not a {_type_name(tp)}")
+        return _convert_union(value, tp, where, source)
     if origin is Literal:
         if value not in get_args(tp):
             choices = ", ".join(repr(c) for c in get_args(tp))
@@ -80,46 +122,10 @@ def _convert(value: Any, tp: Any, where: str, source: str) -> Any:
             raise ConfigError(f"{source}: '{where}' must be a mapping for {tp.__name__}, got {value!r}")
         return _build(tp, value, prefix=f"{where}.", source=source)
     if origin in (tuple, list):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{source}: '{where}' must be a list, got {value!r}")
-        args = get_args(tp)
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(args) != len(value):
-                raise ConfigError(f"{source}: '{where}' must have {len(args)} items, got {len(value)}")
-            items = [_convert(v, a, f"{where}[{i}]", source) for i, (v, a) in enumerate(zip(value, args))]
-        else:
-            item_tp = args[0] if args else Any
-            items = [_convert(v, item_tp, f"{where}[{i}]", source) for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
+        return _convert_sequence(value, tp, where, source)
     if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{source}: '{where}' must be a mapping, got {value!r}")
-        key_tp, val_tp = get_args(tp) or (Any, Any)
-        return {
-            _convert(k, key_tp, where, source): _convert(v, val_tp, f"{where}.{k}", source)
-            for k, v in value.items()
-        }
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{source}: '{where}' must be a number, got {value!r}")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{source}: '{where}' must be an integer, got {value!r}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{source}: '{where}' must be true or false, got {value!r}")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{source}: '{where}' must be a string, got {value!r}")
-        return value
-    if tp is Path:
-        if not isinstance(value, (str, Path)):
-            raise ConfigError(f"{source}: '{where}' must be a path, got {value!r}")
-        return Path(value)
-    raise TypeError(f"config field '{where}' has an unsupported annotation {tp!r}")
+        return _convert_mapping(value, tp, where, source)
+    return _convert_scalar(value, tp, where, source)
 
 
 def _build(cls: type[T], data: dict, *, prefix: str, source: str) -> T:

@@ -1,0 +1,18 @@
+"""Shared fixtures: small shapes worlds generated once per test session."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.shapes import ShapesConfig, generate
+
+SMALL_WORLD = ShapesConfig(num_train=120, num_retrieval=12, num_classification_per_class=1,
+                           samples_per_shard=50, seed=7)
+
+
+@pytest.fixture(scope="session")
+def shapes_world(tmp_path_factory):
+    """A small clean shapes world: 120 training pairs in 3 shards, 12 retrieval images, 64 classification."""
+    out = tmp_path_factory.mktemp("shapes_world")
+    generate(out, SMALL_WORLD, progress=False)
+    return out

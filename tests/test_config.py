@@ -1,0 +1,89 @@
+import dataclasses
+from typing import Literal
+
+import pytest
+
+from pipeline.config import (
+    ConfigError,
+    apply_overrides,
+    config_hash,
+    from_dict,
+    load_config,
+    save_config,
+    to_yaml,
+)
+from pipeline.shapes import ShapesConfig
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class OptimConfig:
+    lr: float = 5e-4
+    betas: tuple[float, float] = (0.9, 0.98)
+    schedule: Literal["cosine", "constant"] = "cosine"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class RunConfig:
+    name: str
+    steps: int = 10
+    optim: OptimConfig = OptimConfig()
+    tags: tuple[str, ...] = ()
+    note: str | None = None
+
+
+def test_yaml_round_trip(tmp_path):
+    cfg = RunConfig(name="a", optim=OptimConfig(lr=1e-3, schedule="constant"), tags=("x", "y"))
+    path = tmp_path / "run.yaml"
+    save_config(cfg, path)
+    assert load_config(RunConfig, path) == cfg
+    assert load_config(ShapesConfig, save_config(ShapesConfig(seed=3), tmp_path / "s.yaml")) == ShapesConfig(seed=3)
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: a\noptim:\n  lr: 0.1\n  bettas: [0.9, 0.99]\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(RunConfig, path)
+    assert "optim.bettas" in str(err.value) and str(path) in str(err.value)
+
+
+@pytest.mark.parametrize("text, where", [
+    ("name: a\nsteps: ten\n", "steps"),
+    ("name: a\noptim: {lr: fast}\n", "optim.lr"),
+    ("name: a\noptim: {schedule: linear}\n", "optim.schedule"),
+    ("name: a\noptim: {betas: [0.9]}\n", "optim.betas"),
+    ("steps: 3\n", "name"),
+])
+def test_mistyped_or_missing_value_is_an_error(tmp_path, text, where):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=f"'{where}'"):
+        load_config(RunConfig, path)
+
+
+def test_int_is_accepted_for_float_and_lists_become_tuples():
+    cfg = from_dict(RunConfig, {"name": "a", "optim": {"lr": 1, "betas": [0.5, 0.6]}})
+    assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float) and cfg.optim.betas == (0.5, 0.6)
+
+
+def test_post_init_validation_becomes_config_error(tmp_path):
+    path = tmp_path / "shapes.yaml"
+    path.write_text("caption_noise: 1.5\n")
+    with pytest.raises(ConfigError, match="caption_noise"):
+        load_config(ShapesConfig, path)
+
+
+def test_overrides():
+    cfg = apply_overrides(RunConfig(name="a"), ["optim.lr=1e-4", "steps=5", "note=hello"])
+    assert cfg.optim.lr == 1e-4 and cfg.steps == 5 and cfg.note == "hello"
+    with pytest.raises(ConfigError, match="optim.lrr"):
+        apply_overrides(cfg, ["optim.lrr=1"])
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        apply_overrides(cfg, ["steps"])
+
+
+def test_config_hash_is_stable_and_sensitive():
+    a, b = RunConfig(name="a"), RunConfig(name="a", steps=11)
+    assert config_hash(a) == config_hash(RunConfig(name="a"))
+    assert config_hash(a) != config_hash(b)
+    assert "name: a" in to_yaml(a)

@@ -1,0 +1,115 @@
+import json
+import re
+import tarfile
+
+import polars as pl
+import pytest
+
+from pipeline.shapes import (
+    _COLOUR_WORDS,  # the vocabulary the captions are made from
+    COLOURS,
+    SHAPES,
+    SIZES,
+    ShapesConfig,
+    generate,
+)
+
+TINY = dict(num_train=60, num_retrieval=6, num_classification_per_class=1, samples_per_shard=25)
+
+
+def _files(root):
+    return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and not p.name.endswith("_stats.json")}  # stats hold wall-clock times
+
+
+def test_vocabulary_is_large_enough():
+    assert len(SHAPES) >= 8 and len(COLOURS) >= 8 and len(SIZES) == 2
+
+
+def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):
+    generate(tmp_path / "a", ShapesConfig(**TINY, seed=1), progress=False)
+    generate(tmp_path / "b", ShapesConfig(**TINY, seed=1), progress=False)
+    generate(tmp_path / "c", ShapesConfig(**TINY, seed=2), progress=False)
+    a, b, c = _files(tmp_path / "a"), _files(tmp_path / "b"), _files(tmp_path / "c")
+    assert a == b
+    assert a.keys() == c.keys() and a != c
+
+
+def test_img2dataset_layout(shapes_world):
+    train = shapes_world / "train"
+    assert sorted(p.name for p in train.iterdir()) == [
+        f"0000{i}{ext}" for i in range(3) for ext in (".parquet", ".tar", "_stats.json")]
+    with tarfile.open(train / "00001.tar") as tar:
+        names = tar.getnames()
+    assert names[:3] == ["000010000.jpg", "000010000.txt", "000010000.json"]
+    side = pl.read_parquet(train / "00001.parquet")
+    assert side["key"].to_list()[0] == "000010000" and side.height == 50
+    assert {"url", "key", "caption", "status", "width", "height", "error_message"} <= set(side.columns)
+    stats = json.loads((train / "00002_stats.json").read_text())
+    assert stats["count"] == 20 and stats["successes"] == 20
+
+
+def _train_meta(root):
+    metas = []
+    for shard in sorted((root / "train").glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            metas += [json.loads(tar.extractfile(m).read()) for m in tar if m.name.endswith(".json")]
+    return metas
+
+
+def test_annotations_inside_image_and_objects_per_image(shapes_world):
+    for meta in _train_meta(shapes_world):
+        assert 1 <= len(meta["objects"]) <= 4
+        for obj in meta["objects"]:
+            x1, y1, x2, y2 = obj["box"]
+            assert 0 <= x1 < x2 <= meta["width"] and 0 <= y1 < y2 <= meta["height"]
+            assert obj["shape"] in SHAPES and obj["colour"] in COLOURS and obj["size"] in SIZES
+
+
+def _colours_in(caption):
+    words = re.findall(r"[a-z]+", caption.lower())
+    return {c for c, synonyms in _COLOUR_WORDS.items() for w in words if w in synonyms}
+
+
+def test_clean_captions_only_mention_present_colours(shapes_world):
+    for meta in _train_meta(shapes_world):
+        assert meta["noise"] is None
+        assert _colours_in(meta["caption"]) <= {o["colour"] for o in meta["objects"]}
+    karpathy = json.loads((shapes_world / "eval/retrieval/dataset_karpathy.json").read_text())
+    for entry in karpathy["images"]:
+        assert len(entry["sentences"]) == 5 and entry["split"] == "test"
+        for sentence in entry["sentences"]:
+            assert _colours_in(sentence["raw"]) <= {o["colour"] for o in entry["objects"]}
+        assert (shapes_world / "eval/retrieval" / entry["filepath"] / entry["filename"]).is_file()
+
+
+def test_captions_vary_and_some_fit_several_images(tmp_path):
+    out = tmp_path / "w"
+    generate(out, ShapesConfig(num_train=400, num_retrieval=0, num_classification_per_class=0), progress=False)
+    captions = [m["caption"] for m in _train_meta(out)]
+    assert len({" ".join(c.split(" ")[:2]) for c in captions}) >= 8  # several templates
+    partial = [m for m in _train_meta(out) if len(m["objects"]) > 1 and len(_colours_in(m["caption"])) == 1]
+    relations = [c for c in captions if re.search(r"left of|right of|above|below", c)]
+    assert partial and relations
+
+
+@pytest.mark.parametrize("noise", [0.2, 0.4])
+def test_caption_noise_rate_matches_knob(tmp_path, noise):
+    out = tmp_path / "w"
+    summary = generate(out, ShapesConfig(num_train=500, num_retrieval=0, num_classification_per_class=0,
+                                         caption_noise=noise, attribute_noise=0.1), progress=False)
+    metas = _train_meta(out)
+    replaced = [m for m in metas if m["noise"] == "caption"]
+    assert abs(len(replaced) / len(metas) - noise) <= 0.01
+    assert abs(summary["attribute_noise_rate"] - 0.1) <= 0.01
+    for m in [m for m in metas if m["noise"] == "attribute"]:
+        assert not _colours_in(m["caption"]) <= {o["colour"] for o in m["objects"]} or len(m["objects"]) > 1
+
+
+def test_classification_sets(shapes_world):
+    for task, num_classes in (("shape", len(SHAPES)), ("colour_shape", len(SHAPES) * len(COLOURS))):
+        data = json.loads((shapes_world / f"eval/classification/{task}.json").read_text())
+        assert len(data["classnames"]) == num_classes and data["templates"]
+        assert len(data["samples"]) == len(SHAPES) * len(COLOURS)
+        assert {s["label"] for s in data["samples"]} == set(range(num_classes))
+        assert all((shapes_world / "eval/classification" / s["file"]).is_file() for s in data["samples"])
