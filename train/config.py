@@ -1,0 +1,159 @@
+"""The training config: one frozen dataclass tree, loaded from YAML by :func:`pipeline.config.load_config`.
+
+Example::
+
+    from pipeline.config import apply_overrides, load_config
+    cfg = load_config(TrainConfig, "train/configs/shapes-softclip.yaml")
+    cfg = apply_overrides(cfg, ["optim.lr=1e-4", "data.root=/data"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+__all__ = [
+    "DataConfig",
+    "LogConfig",
+    "LossConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "resolve_data_path",
+]
+
+Aggregator = Literal["mhsa", "mean", "max", "min"]
+TargetSource = Literal["roi_tag", "roi", "tag", "label_smoothing", "raw"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class ModelConfig:
+    """Towers (an open_clip model config name) and the ROI branch."""
+
+    name: str  # open_clip model config, e.g. "RN50", "ViT-B-16", or "shapes-tiny" from train/model_configs
+    roi_feature_dim: int = 2048  # channels of a detector ROI feature (VinVL: 2048)
+    roi_width: int = 512  # width of the projected box tokens
+    roi_heads: int = 8  # attention heads of the `mhsa` aggregator
+    aggregator: Aggregator = "mhsa"
+    grad_checkpointing: bool = False
+    compile: bool = False  # torch.compile the model's forward
+
+    def __post_init__(self):
+        if self.roi_feature_dim < 1 or self.roi_width < 1:
+            raise ValueError("model.roi_feature_dim and model.roi_width must be positive")
+        if self.roi_width % self.roi_heads:
+            raise ValueError(f"model.roi_width ({self.roi_width}) must be divisible by model.roi_heads "
+                             f"({self.roi_heads})")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class DataConfig:
+    """Where the training shards are and how they are batched.
+
+    ``format="webdataset"``: ``train_shards`` are packed shards (image + features per key).
+    ``format="parquet"``: ``train_shards`` are Parquet feature shards ``NNNNN.parquet`` joined by key with the
+    source tars ``NNNNN.tar`` of ``source_shards``. Relative paths are taken under ``root`` (environment
+    variables such as ``$DATA_ROOT`` are expanded). Shards are given as a directory, a brace pattern or a file.
+    """
+
+    format: Literal["webdataset", "parquet"] = "webdataset"
+    root: str = "."
+    train_shards: str
+    source_shards: str = ""  # only for format=parquet
+    batch_size: int = 256  # global batch: split evenly across ranks
+    num_workers: int = 4  # DataLoader workers per rank
+    max_boxes: int = 50  # boxes kept per image (highest scores first); the rest is padding
+    shuffle_buffer: int = 1000  # samples per worker shuffle buffer
+    num_samples: int = 0  # samples per epoch; 0 counts them from the shards
+
+    def __post_init__(self):
+        if self.batch_size < 1 or self.max_boxes < 1 or self.num_workers < 0 or self.shuffle_buffer < 1:
+            raise ValueError("data.batch_size, data.max_boxes and data.shuffle_buffer must be positive and "
+                             "data.num_workers non-negative")
+        if self.format == "parquet" and not self.source_shards:
+            raise ValueError("data.format=parquet needs data.source_shards (the image tars to join by key)")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class LossConfig:
+    """SoftCLIP loss switches (see docs of :class:`train.losses.SoftCLIPLoss`); lam = mu = 0 is CLIP."""
+
+    beta: float = 0.3
+    tau_s: float = 0.07
+    lam: float = 1.0
+    mu: float = 0.5
+    target_source: TargetSource = "roi_tag"
+    detach_targets: bool = False
+
+    def __post_init__(self):
+        if not 0.0 <= self.beta <= 1.0:
+            raise ValueError(f"loss.beta must be in [0, 1], got {self.beta}")
+        if self.tau_s <= 0 or self.lam < 0 or self.mu < 0:
+            raise ValueError("loss.tau_s must be positive and loss.lam, loss.mu non-negative")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class OptimConfig:
+    """AdamW with a linear warm-up then cosine decay to zero; no weight decay on norms, biases, logit scale."""
+
+    lr: float = 5e-4
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    warmup_steps: int = 2000
+    epochs: int = 32
+    max_steps: int = 0  # stop after this many steps (0: run all epochs)
+    grad_clip_norm: float = 1.0  # 0 disables clipping
+    precision: Literal["fp32", "bf16"] = "bf16"  # bf16 autocast on CUDA; CPU always runs fp32
+
+    def __post_init__(self):
+        if self.lr <= 0 or self.weight_decay < 0 or self.warmup_steps < 0 or self.epochs < 1:
+            raise ValueError("optim.lr must be positive, optim.weight_decay and optim.warmup_steps "
+                             "non-negative, optim.epochs at least 1")
+        if self.max_steps < 0 or self.grad_clip_norm < 0:
+            raise ValueError("optim.max_steps and optim.grad_clip_norm must be non-negative")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class LogConfig:
+    """How often to log and checkpoint."""
+
+    every_n_steps: int = 50
+    checkpoint_every_n_steps: int = 1000
+    keep_checkpoints: int = 0  # step checkpoints kept besides latest.pt; 0 keeps all
+    tensorboard: bool = True
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.every_n_steps < 1 or self.checkpoint_every_n_steps < 1 or self.keep_checkpoints < 0:
+            raise ValueError("log.every_n_steps and log.checkpoint_every_n_steps must be at least 1")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class TrainConfig:
+    """A training run: output folder, seed and the stage configs."""
+
+    run_dir: Path  # checkpoints/, metrics.jsonl, tensorboard/ and config.yaml go here
+    seed: int = 0
+    model: ModelConfig
+    data: DataConfig
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    log: LogConfig = dataclasses.field(default_factory=LogConfig)
+
+
+def resolve_data_path(root: str, path: str) -> str:
+    """``path`` under ``root`` unless absolute, with environment variables expanded in both.
+
+    Raises:
+        ValueError: a ``$VAR`` is not set in the environment.
+    """
+    joined = os.path.expandvars(path if os.path.isabs(os.path.expandvars(path)) else os.path.join(root, path))
+    unresolved = re.search(r"\$\{?(\w+)", joined)
+    if unresolved:
+        raise ValueError(f"data path '{joined}' uses ${unresolved.group(1)}, which is not set: export it or "
+                         "override data.root=/path/to/data")
+    return str(Path(joined)) if "{" not in joined else joined

@@ -1,0 +1,169 @@
+"""SoftCLIP's model: open_clip's image and text towers plus the ROI branch.
+
+The towers are an unmodified open_clip ``CLIP`` (any open_clip model config: RN50, ViT-B-16, or the
+project's configs in ``train/model_configs/``), so checkpoints keep open_clip's own state-dict layout and
+load with ``open_clip.create_model_and_transforms(name, pretrained=path)``. Tags are encoded by the same
+text tower as captions. The ROI branch turns a padded set of boxes into one joint-space embedding.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from train.config import ModelConfig
+
+__all__ = [
+    "MODEL_CONFIG_DIR",
+    "ROIEncoder",
+    "SoftCLIPModel",
+    "build_model",
+    "load_checkpoint_model",
+    "register_model_configs",
+]
+
+MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+GEOMETRY_DIM = 6
+_registered = False
+
+
+def register_model_configs() -> list[str]:
+    """Register the JSON model configs of ``train/model_configs/`` with open_clip (idempotent); returns their
+    names (e.g. ``["shapes-tiny"]``)."""
+    global _registered
+    if not _registered:
+        open_clip.add_model_config(MODEL_CONFIG_DIR)
+        _registered = True
+    return sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json"))
+
+
+class ROIEncoder(nn.Module):
+    """Boxes of one image -> one embedding: ``[feature ; geometry]`` -> linear -> aggregator -> linear.
+
+    Args:
+        feature_dim: ROI feature channels ``D``.
+        width: token width after the input projection.
+        embed_dim: joint embedding size (the towers' ``embed_dim``).
+        heads: attention heads of the ``mhsa`` aggregator.
+        aggregator: ``mhsa`` (multi-head attention pooling with a learned query token), ``mean``, ``max``
+            or ``min`` over the valid boxes.
+
+    An image with zero boxes sees one learned "no box" token instead (for every aggregator), so its
+    embedding is defined and trainable.
+    """
+
+    def __init__(self, feature_dim: int, width: int, embed_dim: int, *, heads: int = 8,
+                 aggregator: str = "mhsa"):
+        super().__init__()
+        if aggregator not in ("mhsa", "mean", "max", "min"):
+            raise ValueError(f"unknown ROI aggregator {aggregator!r}: use mhsa, mean, max or min")
+        self.aggregator = aggregator
+        self.input_proj = nn.Linear(feature_dim + GEOMETRY_DIM, width)
+        self.input_norm = nn.LayerNorm(width)
+        self.no_box = nn.Parameter(torch.randn(1, 1, width) * width**-0.5)
+        if aggregator == "mhsa":
+            self.query = nn.Parameter(torch.randn(1, 1, width) * width**-0.5)
+            self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.output_norm = nn.LayerNorm(width)
+        self.output_proj = nn.Linear(width, embed_dim)
+
+    def forward(self, features: torch.Tensor, geometry: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Args: ``features [B, M, D]``, ``geometry [B, M, 6]`` (see ``pipeline.shards.box_geometry``),
+        ``mask [B, M]`` bool, True for a real box. Returns ``[B, embed_dim]`` (not normalised)."""
+        x = self.input_norm(self.input_proj(torch.cat([features, geometry], dim=-1).to(self.no_box.dtype)))
+        batch = x.shape[0]
+        x = torch.cat([x, self.no_box.expand(batch, -1, -1)], dim=1)
+        valid = torch.cat([mask, ~mask.any(dim=1, keepdim=True)], dim=1)  # the no-box token only if empty
+        if self.aggregator == "mhsa":
+            pooled, _ = self.attn(self.query.expand(batch, -1, -1), x, x, key_padding_mask=~valid,
+                                  need_weights=False)
+            pooled = pooled[:, 0]
+        elif self.aggregator == "mean":
+            weights = valid.unsqueeze(-1).to(x.dtype)
+            pooled = (x * weights).sum(1) / weights.sum(1)
+        else:
+            fill = float("-inf") if self.aggregator == "max" else float("inf")
+            masked = x.masked_fill(~valid.unsqueeze(-1), fill)
+            pooled = masked.amax(1) if self.aggregator == "max" else masked.amin(1)
+        return self.output_proj(self.output_norm(pooled))
+
+
+class SoftCLIPModel(nn.Module):
+    """An open_clip ``CLIP`` (attribute ``clip``) plus a :class:`ROIEncoder` (attribute ``roi``).
+
+    ``forward`` returns a dict of L2-normalised embeddings ``image``, ``text`` ``[B, E]`` and, when asked,
+    ``roi`` and ``tag`` ``[B, E]``, plus ``logit_scale`` (exponentiated, as open_clip's ``CLIP.forward``).
+    Captions and tags go through the text tower in one pass.
+    """
+
+    def __init__(self, clip: nn.Module, roi: ROIEncoder):
+        super().__init__()
+        self.clip = clip
+        self.roi = roi
+
+    def forward(self, images: torch.Tensor, texts: torch.Tensor, *, tags: torch.Tensor | None = None,
+                roi_features: torch.Tensor | None = None, roi_geometry: torch.Tensor | None = None,
+                roi_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Args: ``images [B, 3, H, W]``, ``texts``/``tags`` ``[B, L]`` token ids, ``roi_*`` as
+        :meth:`ROIEncoder.forward`; leave ``tags`` or ``roi_features`` out to skip that branch."""
+        out = {"image": self.clip.encode_image(images, normalize=True),
+               "logit_scale": self.clip.logit_scale.exp()}
+        if tags is not None:
+            text = self.clip.encode_text(torch.cat([texts, tags]), normalize=True)
+            out["text"], out["tag"] = text[: texts.shape[0]], text[texts.shape[0]:]
+        else:
+            out["text"] = self.clip.encode_text(texts, normalize=True)
+        if roi_features is not None:
+            out["roi"] = F.normalize(self.roi(roi_features, roi_geometry, roi_mask), dim=-1)
+        return out
+
+
+def build_model(cfg: ModelConfig) -> tuple[SoftCLIPModel, object, object, object]:
+    """Build ``(model, preprocess_train, preprocess_val, tokenizer)`` from randomly initialised towers.
+
+    Example::
+
+        model, train_tf, val_tf, tokenizer = build_model(ModelConfig(name="shapes-tiny", roi_feature_dim=72))
+    """
+    register_model_configs()
+    model_config = open_clip.get_model_config(cfg.name)
+    if model_config is None:
+        raise ValueError(f"unknown open_clip model config {cfg.name!r}: use one of open_clip.list_models() "
+                         f"or add a JSON file to {MODEL_CONFIG_DIR}")
+    clip, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(cfg.name)
+    roi = ROIEncoder(cfg.roi_feature_dim, cfg.roi_width, model_config["embed_dim"], heads=cfg.roi_heads,
+                     aggregator=cfg.aggregator)
+    if cfg.grad_checkpointing:
+        clip.set_grad_checkpointing(True)
+    return SoftCLIPModel(clip, roi), preprocess_train, preprocess_val, open_clip.get_tokenizer(cfg.name)
+
+
+def load_checkpoint_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, object, object]:
+    """Load the open_clip ``CLIP`` of a training checkpoint: ``(model, preprocess_val, tokenizer)``.
+
+    The checkpoint's ``model_config`` is registered under its ``model_name`` when open_clip does not know
+    the name, then open_clip itself loads ``checkpoint["state_dict"]``. The model is in eval mode.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    register_model_configs()
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(checkpoint, dict) or "model_name" not in checkpoint or "state_dict" not in checkpoint:
+        raise ValueError(f"{path}: not a softclip training checkpoint (needs 'state_dict' and 'model_name')")
+    name = checkpoint["model_name"]
+    if open_clip.get_model_config(name) is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            config_file = Path(tmp) / f"{name}.json"
+            config_file.write_text(json.dumps(checkpoint["model_config"]))
+            open_clip.add_model_config(config_file)  # read now; open_clip keeps the parsed config
+    del checkpoint
+    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=str(path), device=device)
+    model.eval()
+    return model, preprocess, open_clip.get_tokenizer(name)
