@@ -20,6 +20,7 @@ from torchvision.ops import batched_nms, box_iou, nms
 from extract.legacy import clip_boxes_legacy, decode_boxes
 
 __all__ = [
+    "best_surviving_class",
     "filter_detections",
     "multiclass_nms_keep",
     "postprocess_attributes",
@@ -58,7 +59,7 @@ def _ranked_before(s_src: Tensor, s_dst: Tensor, src: Tensor, dst: Tensor) -> Te
 
 
 def _fixed_point(suppressors: callable, keep: Tensor) -> Tensor:
-    for _ in range(keep.shape[-1] + 1):
+    for _ in range(max(keep.shape) + 1):
         new_keep = ~suppressors(keep)
         if torch.equal(new_keep, keep):
             return keep
@@ -66,26 +67,19 @@ def _fixed_point(suppressors: callable, keep: Tensor) -> Tensor:
     raise AssertionError("greedy NMS fixed point did not converge")  # impossible: rank r is final at r + 1
 
 
-def _keep_shared_boxes(boxes: Tensor, scores_t: Tensor, iou_threshold: float) -> Tensor:
-    n = boxes.shape[0]
+def _keep_shared_boxes(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     overlap = box_iou(boxes, boxes) > iou_threshold
     overlap.fill_diagonal_(False)
     src, dst = overlap.nonzero(as_tuple=True)
-    keep_t = torch.ones_like(scores_t, dtype=torch.bool)
     if src.numel() == 0:
-        return keep_t
-    chunk = max(1, _MAX_CHUNK_ELEMENTS // src.numel())
-    for c0 in range(0, scores_t.shape[0], chunk):
-        s = scores_t[c0 : c0 + chunk]
-        before = _ranked_before(s[:, src], s[:, dst], src, dst)
+        return torch.ones_like(scores, dtype=torch.bool)
+    before = _ranked_before(scores[src], scores[dst], src[:, None], dst[:, None])  # [E, C]
 
-        def suppressors(keep: Tensor, before: Tensor = before) -> Tensor:
-            hits = (before & keep[:, src]).to(torch.float32)
-            return torch.zeros(keep.shape, device=keep.device).index_add_(1, dst, hits) > 0
+    def suppressors(keep: Tensor) -> Tensor:
+        hits = (before & keep[src]).to(torch.float32)
+        return torch.zeros(keep.shape, device=keep.device).index_add_(0, dst, hits) > 0
 
-        keep_t[c0 : c0 + chunk] = _fixed_point(suppressors, torch.ones(s.shape[0], n, dtype=torch.bool,
-                                                                       device=s.device))
-    return keep_t
+    return _fixed_point(suppressors, torch.ones_like(scores, dtype=torch.bool))
 
 
 def _keep_per_class_boxes(boxes: Tensor, scores_t: Tensor, iou_threshold: float) -> Tensor:
@@ -123,10 +117,32 @@ def multiclass_nms_keep(boxes: Tensor, scores: Tensor, iou_threshold: float) -> 
         ``Tensor[N, C]`` bool, True where proposal ``n`` survives the NMS of class ``c``. Equal to running
         ``torchvision.ops.nms(boxes_c, scores[:, c], iou_threshold)`` for each ``c``.
     """
-    scores_t = scores.float().t().contiguous()
     if boxes.dim() == 2:
-        return _keep_shared_boxes(boxes.float(), scores_t, iou_threshold).t()
-    return _keep_per_class_boxes(boxes.float(), scores_t, iou_threshold).t()
+        return _keep_shared_boxes(boxes.float(), scores.float(), iou_threshold)
+    return _keep_per_class_boxes(boxes.float(), scores.float().t().contiguous(), iou_threshold).t()
+
+
+def best_surviving_class(boxes: Tensor, scores: Tensor, iou_threshold: float) -> tuple[Tensor, Tensor]:
+    """Per proposal, the best class whose per-class greedy NMS keeps it: ``(score, label)``, each ``[N]``.
+
+    Same result as ``(scores * multiclass_nms_keep(boxes, scores, iou_threshold)).max(1)`` for shared
+    ``boxes [N, 4]``, computed with less work: a box scoring above all its overlapping boxes in a class is
+    surely kept there, which gives each proposal a lower bound ``LB`` on its answer; only classes where
+    some proposal scores above its ``LB`` can change an answer, and only those run the exact NMS.
+    """
+    scores = scores.float()
+    overlap = box_iou(boxes.float(), boxes.float()) > iou_threshold
+    overlap.fill_diagonal_(False)
+    dst, src = overlap.nonzero(as_tuple=True)
+    neighbour_max = torch.zeros_like(scores)
+    if src.numel():
+        neighbour_max.scatter_reduce_(0, dst[:, None].expand(-1, scores.shape[1]), scores[src], "amax")
+    lower_bound = torch.where(scores > neighbour_max, scores, torch.zeros_like(scores)).max(dim=1).values
+    active = (scores > lower_bound[:, None]).any(dim=0).nonzero().squeeze(1)
+    keep = torch.zeros_like(scores, dtype=torch.bool)
+    keep[scores > neighbour_max] = True
+    keep[:, active] = _keep_shared_boxes(boxes.float(), scores[:, active].contiguous(), iou_threshold)
+    return (scores * keep).max(dim=1)
 
 
 def select_top_detections(scores: Tensor, score_thresh: float, min_detections: int,
@@ -155,9 +171,12 @@ def filter_detections(boxes: Tensor, scores: Tensor, *, nms_filter: int, score_t
         :func:`select_top_detections` deciding ``K``.
     """
     if nms_filter == 1:
-        keep = multiclass_nms_keep(boxes, scores, filter1_nms_thresh)
-        keep[:, 0] = False
-        best, labels = (scores.float() * keep).max(dim=1)
+        if boxes.dim() == 2:
+            best, labels = best_surviving_class(boxes, scores[:, 1:], filter1_nms_thresh)
+        else:
+            best, labels = (scores[:, 1:].float() * multiclass_nms_keep(boxes[:, 1:], scores[:, 1:],
+                                                                       filter1_nms_thresh)).max(dim=1)
+        labels = labels + 1
         candidates = best.nonzero().squeeze(1)
     elif nms_filter == 2:
         best, labels = scores[:, 1:].float().max(dim=1)

@@ -124,7 +124,7 @@ class VinVLDetector(nn.Module):
         arch = infer_arch(state, source)
         if isinstance(config, (str, Path)):
             config = load_config(DetectorConfig, config)
-        config = config or DetectorConfig(name="vinvl")
+        config = config or DetectorConfig(name="vinvl", arch=arch)
         if config.arch != arch:
             raise CheckpointError(f"{source}: architecture {arch} differs from the given config's {config.arch}")
         class_names, attribute_names = read_labelmap(labelmap)
