@@ -115,7 +115,7 @@ def recall_at_k(ranks: torch.Tensor, ks: Sequence[int] = DEFAULT_RECALL_KS) -> d
         raise ValueError("recall_at_k needs at least one query")
     if any(k < 1 for k in ks):
         raise ValueError(f"every k must be >= 1, got {tuple(ks)}")
-    return {k: (ranks < k).float().mean().item() for k in ks}
+    return {k: (ranks < k).double().mean().item() for k in ks}
 
 
 def retrieval_metrics(

@@ -93,7 +93,7 @@ def top_k_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
         raise ValueError(f"k={k} must lie in [1, number of classes={logits.shape[-1]}]")
     if labels.numel() == 0:
         raise ValueError("top_k_accuracy needs at least one sample")
-    return (true_class_ranks(logits, labels) < k).float().mean().item()
+    return (true_class_ranks(logits, labels) < k).double().mean().item()
 
 
 def mean_per_class_recall(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -104,11 +104,11 @@ def mean_per_class_recall(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """
     if labels.numel() == 0:
         raise ValueError("mean_per_class_recall needs at least one sample")
-    correct = (true_class_ranks(logits, labels) == 0).float()
+    correct = (true_class_ranks(logits, labels) == 0).double()
     labels = labels.long()
     num_classes = logits.shape[1]
-    hits = torch.zeros(num_classes).index_add_(0, labels, correct)
-    counts = torch.bincount(labels, minlength=num_classes).float()
+    hits = torch.zeros(num_classes, dtype=torch.float64).index_add_(0, labels, correct)
+    counts = torch.bincount(labels, minlength=num_classes).double()
     present = counts > 0
     return (hits[present] / counts[present]).mean().item()
 

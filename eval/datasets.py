@@ -1,0 +1,266 @@
+"""Evaluation datasets: where each task's files are expected, and readers for them.
+
+:data:`TASKS` is the one table of task -> expected layout (relative to ``DATA_ROOT``, matching the
+dataset registry in ``workflows/datasets/*.yaml``). A missing folder or annotation file raises
+:class:`MissingDatasetError` saying what is expected and where to put it.
+
+Readers return plain lists of image paths plus labels or captions; the images are decoded lazily by
+:class:`ImageFiles` (through :func:`pipeline.images.decode_image`) inside a ``DataLoader``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch.utils.data import Dataset
+
+from pipeline.images import ImageDecodeError, decode_image
+
+__all__ = [
+    "TASKS",
+    "TASK_GROUPS",
+    "ClassificationSet",
+    "ImageFiles",
+    "MissingDatasetError",
+    "RetrievalSet",
+    "TaskSpec",
+    "expand_tasks",
+    "imagenet_templates",
+    "load_classification_set",
+    "load_retrieval_set",
+    "task_directory",
+]
+
+_IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
+_WNID = re.compile(r"^n\d{8}$")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class TaskSpec:
+    """Where one evaluation task's data lives and what it looks like.
+
+    Attributes:
+        name: the task name used on the command line and in reports.
+        kind: ``"classification"`` or ``"retrieval"``.
+        relative_dir: the task folder relative to ``DATA_ROOT``.
+        annotation: the JSON file inside the folder (``""`` for ImageNet's folder-per-class layout).
+        image_folder: for retrieval, the image folder used when a Karpathy entry has no ``filepath``.
+        layout: a human-readable description of the expected files, shown when they are missing.
+    """
+
+    name: str
+    kind: Literal["classification", "retrieval"]
+    relative_dir: str
+    annotation: str
+    image_folder: str = ""
+    layout: str
+
+
+_KARPATHY = "the Karpathy split JSON ({annotation}: images[].filename, .filepath, .split, .sentences[].raw)"
+TASKS: dict[str, TaskSpec] = {
+    spec.name: spec
+    for spec in (
+        TaskSpec(
+            name="imagenet", kind="classification", relative_dir="imagenet/val", annotation="",
+            layout="ImageNet-1k validation: 1000 folders named by WordNet id (n01440764/ ... n15075141/), "
+            "each holding that class's .JPEG images (sorted folder order = open_clip IMAGENET_CLASSNAMES order)",
+        ),
+        TaskSpec(
+            name="coco", kind="retrieval", relative_dir="coco", annotation="dataset_coco.json",
+            image_folder="val2014",
+            layout=_KARPATHY.format(annotation="dataset_coco.json")
+            + " beside the image folders named by each entry's filepath (val2014/, train2014/); "
+            "split == 'test' is the 5k test set",
+        ),
+        TaskSpec(
+            name="flickr30k", kind="retrieval", relative_dir="flickr30k", annotation="dataset_flickr30k.json",
+            image_folder="flickr30k-images",
+            layout=_KARPATHY.format(annotation="dataset_flickr30k.json")
+            + " beside flickr30k-images/*.jpg; split == 'test' is the 1k test set",
+        ),
+        TaskSpec(
+            name="shapes-retrieval", kind="retrieval", relative_dir="shapes/eval/retrieval",
+            annotation="dataset_karpathy.json", image_folder="images",
+            layout="the shapes world's retrieval set (dataset_karpathy.json + images/), "
+            "written by `softclip shapes --out DATA_ROOT/shapes`",
+        ),
+        TaskSpec(
+            name="shapes-shape", kind="classification", relative_dir="shapes/eval/classification",
+            annotation="shape.json",
+            layout="the shapes world's classification set (shape.json + images/), "
+            "written by `softclip shapes --out DATA_ROOT/shapes`",
+        ),
+        TaskSpec(
+            name="shapes-colour_shape", kind="classification", relative_dir="shapes/eval/classification",
+            annotation="colour_shape.json",
+            layout="the shapes world's classification set (colour_shape.json + images/), "
+            "written by `softclip shapes --out DATA_ROOT/shapes`",
+        ),
+    )
+}
+TASK_GROUPS: dict[str, tuple[str, ...]] = {"shapes": ("shapes-shape", "shapes-colour_shape", "shapes-retrieval")}
+
+
+class MissingDatasetError(FileNotFoundError):
+    """A task's folder or annotation file is missing; the message says what layout is expected where."""
+
+
+def expand_tasks(names: Sequence[str]) -> tuple[str, ...]:
+    """Expand group names (``shapes``) into tasks, keeping order and dropping repeats."""
+    out: list[str] = []
+    for name in names:
+        members = TASK_GROUPS.get(name, (name,))
+        for member in members:
+            if member not in TASKS:
+                known = ", ".join([*TASK_GROUPS, *TASKS])
+                raise ValueError(f"unknown evaluation task '{member}' (known: {known})")
+            if member not in out:
+                out.append(member)
+    return tuple(out)
+
+
+def task_directory(task: str, data_root: Path, overrides: dict[str, Path] | None = None) -> Path:
+    """The folder of ``task``: ``overrides[task]`` if given, else ``data_root / relative_dir``.
+
+    Raises:
+        MissingDatasetError: the folder or its annotation file does not exist.
+    """
+    spec = TASKS[task]
+    directory = Path(overrides[task]) if overrides and task in overrides else Path(data_root) / spec.relative_dir
+    missing = directory if not directory.is_dir() else None
+    if missing is None and spec.annotation and not (directory / spec.annotation).is_file():
+        missing = directory / spec.annotation
+    if missing is not None:
+        raise MissingDatasetError(
+            f"task '{task}': {missing} does not exist. Expected in {directory} (DATA_ROOT/{spec.relative_dir}): "
+            f"{spec.layout}. Put the dataset there, pass --data-root, or set paths.{task} in the eval config."
+        )
+    return directory
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ClassificationSet:
+    """Images with integer labels, the class names and the prompt templates (strings with ``{}``)."""
+
+    name: str
+    files: list[Path]
+    labels: list[int]
+    classnames: list[str]
+    templates: list[str]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RetrievalSet:
+    """Images and their captions; ``caption_to_image[j]`` is the image index of ``captions[j]``."""
+
+    name: str
+    files: list[Path]
+    captions: list[str]
+    caption_to_image: list[int]
+
+
+def imagenet_templates() -> list[str]:
+    """The 80 OpenAI ImageNet prompt templates from open_clip, as strings with a ``{}`` slot."""
+    from open_clip import OPENAI_IMAGENET_TEMPLATES
+
+    return [template("{}") for template in OPENAI_IMAGENET_TEMPLATES]
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err}); regenerate or re-download it") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object at the top level")
+    return data
+
+
+def _load_imagenet(directory: Path) -> ClassificationSet:
+    from open_clip import IMAGENET_CLASSNAMES
+
+    wnids = sorted(p.name for p in directory.iterdir() if p.is_dir() and _WNID.match(p.name))
+    if len(wnids) != len(IMAGENET_CLASSNAMES):
+        raise MissingDatasetError(
+            f"task 'imagenet': {directory} holds {len(wnids)} WordNet-id folders, expected "
+            f"{len(IMAGENET_CLASSNAMES)}. Expected {TASKS['imagenet'].layout}."
+        )
+    files, labels = [], []
+    for label, wnid in enumerate(wnids):
+        for path in sorted((directory / wnid).iterdir()):
+            if path.suffix.lower() in _IMAGE_SUFFIXES:
+                files.append(path)
+                labels.append(label)
+    return ClassificationSet("imagenet", files, labels, list(IMAGENET_CLASSNAMES), imagenet_templates())
+
+
+def load_classification_set(task: str, directory: Path) -> ClassificationSet:
+    """Read a classification task from its folder (see :data:`TASKS` for the layouts)."""
+    spec = TASKS[task]
+    if spec.kind != "classification":
+        raise ValueError(f"task '{task}' is a {spec.kind} task, not classification")
+    if task == "imagenet":
+        return _load_imagenet(directory)
+    path = directory / spec.annotation
+    data = _read_json(path)
+    try:
+        classnames, templates = list(data["classnames"]), list(data["templates"])
+        files = [directory / s["file"] for s in data["samples"]]
+        labels = [int(s["label"]) for s in data["samples"]]
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{path}: missing or malformed field {err}; expected {spec.layout}") from err
+    if not files or not templates or any(not 0 <= y < len(classnames) for y in labels):
+        raise ValueError(f"{path}: needs samples, templates and labels in [0, {len(classnames)})")
+    return ClassificationSet(task, files, labels, classnames, templates)
+
+
+def load_retrieval_set(task: str, directory: Path, *, split: str = "test") -> RetrievalSet:
+    """Read the ``split`` entries of a Karpathy-layout JSON: every caption of every image."""
+    spec = TASKS[task]
+    if spec.kind != "retrieval":
+        raise ValueError(f"task '{task}' is a {spec.kind} task, not retrieval")
+    path = directory / spec.annotation
+    data = _read_json(path)
+    files, captions, owners = [], [], []
+    try:
+        for entry in data["images"]:
+            if entry["split"] != split or not entry["sentences"]:
+                continue
+            files.append(directory / entry.get("filepath", spec.image_folder) / entry["filename"])
+            for sentence in entry["sentences"]:
+                captions.append(sentence["raw"].strip())
+                owners.append(len(files) - 1)
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{path}: missing or malformed field {err}; expected {spec.layout}") from err
+    if not files:
+        raise ValueError(f"{path}: no image with split == '{split}' and at least one caption")
+    return RetrievalSet(task, files, captions, owners)
+
+
+class ImageFiles(Dataset):
+    """A map-style dataset over image files: item ``i`` is ``transform(decode_image(bytes of file i))``."""
+
+    def __init__(self, files: Sequence[Path], transform: Callable[[object], torch.Tensor]):
+        self.files = list(files)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        path = self.files[index]
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError as err:
+            raise MissingDatasetError(f"image {path} listed by the dataset does not exist") from err
+        try:
+            image = decode_image(data)
+        except ImageDecodeError as err:
+            raise ImageDecodeError(err.reason, f"{path}: {err.detail}") from err
+        return self.transform(image)

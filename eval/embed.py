@@ -1,0 +1,89 @@
+"""Batched embedding of images and texts with a CLIP-like model (``encode_image`` / ``encode_text``).
+
+This is the only eval module that runs a model; the metrics in :mod:`eval.zeroshot` and
+:mod:`eval.retrieval` take the tensors it returns. Embeddings come back L2-normalised, float32, on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from eval.zeroshot import classifier_from_template_embeddings
+
+__all__ = ["encode_images", "encode_texts", "pick_device", "zero_shot_classifier"]
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """``"auto"`` is CUDA when available, else CPU; any other name is passed to ``torch.device``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} was asked for but CUDA is not available; use 'auto' or 'cpu'")
+    return device
+
+
+def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
+    # bf16 autocast on CUDA only; on CPU the model runs in float32 (amp has no effect there).
+    if amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.inference_mode()
+def encode_images(
+    model: torch.nn.Module, dataset: Dataset, *, batch_size: int, num_workers: int = 0,
+    device: torch.device, amp: bool = True, desc: str = "images",
+) -> torch.Tensor:
+    """Embed every item of ``dataset`` (preprocessed image tensors) in order.
+
+    Returns:
+        ``Tensor[len(dataset), D]``, L2-normalised float32 on CPU.
+    """
+    loader = DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+        pin_memory=device.type == "cuda", persistent_workers=False,
+    )
+    out = []
+    for images in tqdm(loader, desc=desc, unit="batch", leave=False):
+        with _autocast(device, amp):
+            features = model.encode_image(images.to(device, non_blocking=True))
+        out.append(F.normalize(features.float(), dim=-1).cpu())
+    return torch.cat(out)
+
+
+@torch.inference_mode()
+def encode_texts(
+    model: torch.nn.Module, tokenizer: Callable[[list[str]], torch.Tensor], texts: Sequence[str], *,
+    batch_size: int, device: torch.device, amp: bool = True, desc: str = "texts",
+) -> torch.Tensor:
+    """Tokenize and embed ``texts`` in batches of ``batch_size``.
+
+    Returns:
+        ``Tensor[len(texts), D]``, L2-normalised float32 on CPU.
+    """
+    out = []
+    for start in tqdm(range(0, len(texts), batch_size), desc=desc, unit="batch", leave=False):
+        tokens = tokenizer(list(texts[start : start + batch_size])).to(device)
+        with _autocast(device, amp):
+            features = model.encode_text(tokens)
+        out.append(F.normalize(features.float(), dim=-1).cpu())
+    return torch.cat(out)
+
+
+def zero_shot_classifier(
+    model: torch.nn.Module, tokenizer: Callable[[list[str]], torch.Tensor], classnames: Sequence[str],
+    templates: Sequence[str], *, batch_size: int, device: torch.device, amp: bool = True,
+) -> torch.Tensor:
+    """Classifier rows ``Tensor[C, D]``: every template (a string with ``{}``) filled with every class name,
+    embedded, then reduced by :func:`eval.zeroshot.classifier_from_template_embeddings`."""
+    prompts = [template.replace("{}", name) for name in classnames for template in templates]
+    embeddings = encode_texts(model, tokenizer, prompts, batch_size=batch_size, device=device, amp=amp,
+                              desc="class prompts")
+    return classifier_from_template_embeddings(embeddings.view(len(classnames), len(templates), -1))

@@ -1,0 +1,190 @@
+"""Evaluate checkpoints on zero-shot classification and retrieval tasks and write the reports.
+
+:func:`run_eval` checks every task folder first (so a missing dataset fails before any model loads),
+then for each checkpoint embeds each task's images and texts (:mod:`eval.embed`), computes the metrics
+(:mod:`eval.zeroshot`, :mod:`eval.retrieval`) and writes ``results.json``, ``results.md``,
+``results.png`` and the resolved ``eval.yaml`` into ``cfg.out``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from eval.checkpoint import LoadedModel, load_open_clip_checkpoint
+from eval.datasets import (
+    TASKS,
+    ClassificationSet,
+    ImageFiles,
+    RetrievalSet,
+    expand_tasks,
+    load_classification_set,
+    load_retrieval_set,
+    task_directory,
+)
+from eval.embed import encode_images, encode_texts, pick_device, zero_shot_classifier
+from eval.report import write_report
+from eval.retrieval import retrieval_metrics
+from eval.zeroshot import classification_metrics
+from pipeline.config import save_config, to_dict
+
+__all__ = ["EvalConfig", "checkpoint_labels", "evaluate_model", "run_eval"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class EvalConfig:
+    """Settings of ``softclip eval``.
+
+    Attributes:
+        checkpoints: checkpoint files, evaluated in this order (the report shows second minus first).
+        labels: one label per checkpoint; empty = each checkpoint's run directory name.
+        tasks: task or group names (``shapes``, ``imagenet``, ``coco``, ``flickr30k``, ``shapes-shape``, ...).
+        out: the report folder.
+        data_root: datasets are found under it, at the layouts of :data:`eval.datasets.TASKS`.
+        paths: per-task folder overrides (task -> folder), taking precedence over ``data_root``.
+        model_name: open_clip architecture for checkpoints that do not name one.
+        batch_size: images or texts per forward pass.
+        num_workers: DataLoader processes decoding images.
+        device: ``auto`` (CUDA when available), ``cpu`` or ``cuda[:N]``.
+        amp: bf16 autocast on CUDA (no effect on CPU).
+        split: the Karpathy split evaluated for retrieval tasks.
+    """
+
+    checkpoints: tuple[Path, ...]
+    labels: tuple[str, ...] = ()
+    tasks: tuple[str, ...] = ("shapes",)
+    out: Path
+    data_root: Path = Path("data")
+    paths: dict[str, Path] = dataclasses.field(default_factory=dict)
+    model_name: str | None = None
+    batch_size: int = 64
+    num_workers: int = 2
+    device: str = "auto"
+    amp: bool = True
+    split: str = "test"
+
+    def __post_init__(self) -> None:
+        if not self.checkpoints:
+            raise ValueError("checkpoints: give at least one checkpoint file")
+        if self.labels and len(self.labels) != len(self.checkpoints):
+            raise ValueError(f"labels: {len(self.labels)} labels for {len(self.checkpoints)} checkpoints")
+        if self.labels and len(set(self.labels)) != len(self.labels):
+            raise ValueError(f"labels must be distinct, got {list(self.labels)}")
+        if self.batch_size < 1 or self.num_workers < 0:
+            raise ValueError("batch_size must be >= 1 and num_workers >= 0")
+        expand_tasks(self.tasks)  # raises ValueError naming an unknown task
+        unknown = [task for task in self.paths if task not in TASKS]
+        if unknown:
+            raise ValueError(f"paths: unknown task '{unknown[0]}' (known: {', '.join(TASKS)})")
+
+
+def checkpoint_labels(checkpoints: tuple[Path, ...]) -> list[str]:
+    """Default labels: the run directory of each checkpoint (``runs/clip/last.pt`` -> ``clip``; a
+    ``checkpoints/`` folder is skipped), made unique with the file stem when two runs share a name."""
+    def run_name(path: Path) -> str:
+        parent = path.parent
+        if parent.name == "checkpoints" and parent.parent.name:
+            parent = parent.parent
+        return parent.name or path.stem
+
+    labels = [run_name(Path(p)) for p in checkpoints]
+    if len(set(labels)) < len(labels):
+        labels = [f"{label}/{Path(p).stem}" for label, p in zip(labels, checkpoints)]
+    if len(set(labels)) < len(labels):
+        raise ValueError(f"checkpoints {list(map(str, checkpoints))} give repeated labels; set labels explicitly")
+    return labels
+
+
+def _evaluate_classification(loaded: LoadedModel, data: ClassificationSet, cfg: EvalConfig,
+                             device: torch.device) -> dict[str, float | None]:
+    classifier = zero_shot_classifier(loaded.model, loaded.tokenizer, data.classnames, data.templates,
+                                      batch_size=cfg.batch_size, device=device, amp=cfg.amp)
+    images = encode_images(loaded.model, ImageFiles(data.files, loaded.preprocess), batch_size=cfg.batch_size,
+                           num_workers=cfg.num_workers, device=device, amp=cfg.amp, desc=f"{data.name} images")
+    return classification_metrics(images, classifier, torch.tensor(data.labels))
+
+
+def _evaluate_retrieval(loaded: LoadedModel, data: RetrievalSet, cfg: EvalConfig,
+                        device: torch.device) -> dict[str, float]:
+    images = encode_images(loaded.model, ImageFiles(data.files, loaded.preprocess), batch_size=cfg.batch_size,
+                           num_workers=cfg.num_workers, device=device, amp=cfg.amp, desc=f"{data.name} images")
+    texts = encode_texts(loaded.model, loaded.tokenizer, data.captions, batch_size=cfg.batch_size,
+                         device=device, amp=cfg.amp, desc=f"{data.name} captions")
+    return retrieval_metrics(images.to(device), texts.to(device), torch.tensor(data.caption_to_image))
+
+
+def evaluate_model(loaded: LoadedModel, datasets: dict[str, ClassificationSet | RetrievalSet],
+                   cfg: EvalConfig, device: torch.device) -> dict[str, dict[str, float | None]]:
+    """Metrics of one model on every loaded task: task -> metric -> fraction in [0, 1]."""
+    results = {}
+    for task, data in datasets.items():
+        if isinstance(data, ClassificationSet):
+            results[task] = _evaluate_classification(loaded, data, cfg, device)
+        else:
+            results[task] = _evaluate_retrieval(loaded, data, cfg, device)
+    return results
+
+
+def _load_datasets(cfg: EvalConfig) -> dict[str, ClassificationSet | RetrievalSet]:
+    tasks = expand_tasks(cfg.tasks)
+    directories = {task: task_directory(task, cfg.data_root, cfg.paths) for task in tasks}  # fail fast
+    return {
+        task: load_classification_set(task, directory) if TASKS[task].kind == "classification"
+        else load_retrieval_set(task, directory, split=cfg.split)
+        for task, directory in directories.items()
+    }
+
+
+def _task_notes(datasets: dict[str, ClassificationSet | RetrievalSet]) -> dict[str, str]:
+    notes = {}
+    for task, data in datasets.items():
+        if isinstance(data, ClassificationSet):
+            notes[task] = (f"{len(data.files)} images, {len(data.classnames)} classes, "
+                           f"{len(data.templates)} templates")
+        else:
+            notes[task] = f"{len(data.files)} images, {len(data.captions)} captions"
+    return notes
+
+
+def run_eval(cfg: EvalConfig) -> dict[str, Any]:
+    """Evaluate every checkpoint on every task, write the reports into ``cfg.out``, return the payload.
+
+    Raises:
+        MissingDatasetError: a task folder is missing (before any model is loaded).
+        FileNotFoundError / ValueError: a checkpoint is missing or names no usable architecture.
+    """
+    labels = list(cfg.labels) or checkpoint_labels(cfg.checkpoints)
+    missing = [str(p) for p in cfg.checkpoints if not Path(p).is_file()]
+    if missing:
+        raise FileNotFoundError(f"checkpoint(s) not found: {', '.join(missing)}")
+    datasets = _load_datasets(cfg)
+    device = pick_device(cfg.device)
+    results, info, seconds = {}, [], {}
+    for label, path in zip(labels, cfg.checkpoints):
+        start = time.perf_counter()
+        loaded = load_open_clip_checkpoint(path, model_name=cfg.model_name, device=device)
+        results[label] = evaluate_model(loaded, datasets, cfg, device)
+        seconds[label] = round(time.perf_counter() - start, 2)
+        info.append({"label": label, "path": str(path), "model_name": loaded.model_name})
+        log.info("evaluated %s (%s) in %.1f s", label, path, seconds[label])
+    payload = {
+        "labels": labels,
+        "tasks": list(datasets),
+        "units": "fractions in [0, 1]; ties count against the query (see eval.zeroshot, eval.retrieval)",
+        "checkpoints": info,
+        "task_notes": _task_notes(datasets),
+        "results": results,
+        "seconds": seconds,
+        "device": str(device),
+        "config": to_dict(cfg),
+    }
+    save_config(cfg, Path(cfg.out) / "eval.yaml")
+    payload["files"] = {kind: str(p) for kind, p in write_report(cfg.out, payload).items()}
+    return payload

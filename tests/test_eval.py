@@ -1,0 +1,116 @@
+"""End to end: a tiny open_clip checkpoint evaluated on a small shapes world through the CLI."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import typer
+from typer.testing import CliRunner
+
+from eval.checkpoint import load_open_clip_checkpoint, register_model_config
+from eval.cli import register
+from eval.evaluate import EvalConfig, checkpoint_labels
+from pipeline.shapes import ShapesConfig, generate
+
+TINY_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+def _save_tiny(path: Path, *, name: str, seed: int, with_name: bool = True) -> Path:
+    import open_clip
+
+    register_model_config("softclip-test-tiny-base", TINY_CONFIG)
+    torch.manual_seed(seed)
+    model = open_clip.create_model("softclip-test-tiny-base")
+    checkpoint = {"state_dict": model.state_dict(), "model_config": TINY_CONFIG}
+    if with_name:
+        checkpoint["model_name"] = name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(checkpoint, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    generate(root / "data" / "shapes", ShapesConfig(num_train=0, num_retrieval=24, num_classification_per_class=1),
+             progress=False)
+    clip = _save_tiny(root / "runs" / "clip" / "last.pt", name="softclip-test-tiny-a", seed=0)
+    softclip = _save_tiny(root / "runs" / "softclip" / "checkpoints" / "epoch_1.pt",
+                          name="softclip-test-tiny-a", seed=1)
+    return root, clip, softclip
+
+
+def _app() -> typer.Typer:
+    app = typer.Typer()
+    register(app)
+    app.callback()(lambda: None)  # keep `eval` as a subcommand
+    return app
+
+
+def test_loader_registers_an_unknown_architecture_from_the_checkpoint(world):
+    _, clip, _ = world
+    loaded = load_open_clip_checkpoint(clip)
+    assert loaded.model_name == "softclip-test-tiny-a"
+    saved = torch.load(clip, weights_only=True)["state_dict"]
+    for key, value in loaded.model.state_dict().items():
+        torch.testing.assert_close(value, saved[key])
+    assert loaded.tokenizer(["a red circle."]).shape == (1, 32)
+
+
+def test_loader_needs_an_architecture_name(tmp_path):
+    path = _save_tiny(tmp_path / "x.pt", name="", seed=0, with_name=False)
+    with pytest.raises(ValueError, match="pass --model NAME"):
+        load_open_clip_checkpoint(path)
+    assert load_open_clip_checkpoint(path, model_name="softclip-test-tiny-base").model_name == "softclip-test-tiny-base"
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_open_clip_checkpoint(tmp_path / "missing.pt")
+
+
+def test_default_labels_are_run_directories():
+    assert checkpoint_labels((Path("runs/clip/last.pt"), Path("runs/softclip/checkpoints/epoch_1.pt"))) == [
+        "clip", "softclip"]
+    assert checkpoint_labels((Path("runs/a/epoch_1.pt"), Path("runs/a/epoch_2.pt"))) == ["a/epoch_1", "a/epoch_2"]
+
+
+def test_config_rejects_bad_values(tmp_path):
+    with pytest.raises(ValueError, match="unknown evaluation task"):
+        EvalConfig(checkpoints=(tmp_path,), out=tmp_path, tasks=("cifar",))
+    with pytest.raises(ValueError, match="2 labels for 1 checkpoints"):
+        EvalConfig(checkpoints=(tmp_path,), out=tmp_path, labels=("a", "b"))
+
+
+def test_cli_writes_side_by_side_report(world):
+    root, clip, softclip = world
+    out = root / "report"
+    result = CliRunner().invoke(_app(), [
+        "eval", "--checkpoint", str(clip), "--checkpoint", str(softclip), "--tasks", "shapes",
+        "--out", str(out), "--data-root", str(root / "data"), "--batch-size", "32", "--set", "num_workers=0",
+    ])
+    assert result.exit_code == 0, result.output
+    summary = result.output.strip().splitlines()[-1]
+    assert "eval: 2 checkpoint(s) (clip, softclip) x 3 task(s)" in summary
+    payload = json.loads((out / "results.json").read_text())
+    assert payload["labels"] == ["clip", "softclip"]
+    assert payload["tasks"] == ["shapes-shape", "shapes-colour_shape", "shapes-retrieval"]
+    retrieval = payload["results"]["softclip"]["shapes-retrieval"]
+    assert set(retrieval) == {f"{d}_R@{k}" for d in ("image_to_text", "text_to_image") for k in (1, 5, 10)}
+    assert all(0.0 <= v <= 1.0 for v in retrieval.values())
+    assert payload["results"]["clip"]["shapes-shape"]["top5"] is not None
+    table = (out / "results.md").read_text()
+    assert "| Δ (softclip − clip) |" in table and "## shapes-retrieval (24 images, 120 captions)" in table
+    assert (out / "results.png").stat().st_size > 0 and (out / "eval.yaml").is_file()
+
+
+def test_cli_missing_dataset_fails_before_loading_models(world, tmp_path):
+    _, clip, _ = world
+    result = CliRunner().invoke(_app(), [
+        "eval", "-c", f"CLIP={clip}", "--tasks", "coco", "--out", str(tmp_path / "r"), "--data-root", str(tmp_path),
+    ])
+    assert result.exit_code != 0
+    assert "dataset_coco.json" in str(result.exception) and "val2014" in str(result.exception)
+    assert not (tmp_path / "r" / "results.json").exists()
