@@ -1,0 +1,30 @@
+"""``softclip train``: a config file, a few ``key=value`` overrides and ``--resume``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from pipeline.config import apply_overrides, load_config
+
+__all__ = ["register", "train_command"]
+
+
+def train_command(
+    config: Path = typer.Option(..., "--config", help="Training config YAML (see train/configs/)."),
+    overrides: list[str] = typer.Argument(None, help="Config overrides, e.g. optim.lr=1e-4 data.root=/data."),
+    resume: str | None = typer.Option(None, "--resume", help="A checkpoint file, or 'latest' for RUN_DIR's."),
+) -> None:
+    """Train SoftCLIP (or CLIP: loss.lam=0 loss.mu=0) from feature shards; run under torchrun for many GPUs."""
+    from train.config import TrainConfig  # noqa: PLC0415 (keeps `softclip --help` fast)
+    from train.loop import train  # noqa: PLC0415
+
+    cfg = apply_overrides(load_config(TrainConfig, config), list(overrides or []))
+    summary = train(cfg, resume=resume)
+    typer.echo(summary.line())
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``train`` command to the ``softclip`` app."""
+    app.command("train")(train_command)

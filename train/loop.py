@@ -1,0 +1,291 @@
+"""The training loop: one GPU, many GPUs (torchrun + DDP), or CPU.
+
+Reads top to bottom: :func:`train` sets up (distributed, model, loss, optimizer, data, resume), then runs
+``step -> log -> checkpoint`` until ``optim.epochs`` (or ``optim.max_steps``) are done, and returns a
+:class:`TrainSummary`. Under ``torchrun`` the embeddings of all ranks are gathered with gradient inside the
+loss, so the similarity matrices cover the global batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from pipeline.config import from_dict, save_config, to_dict
+from train.checkpoint import capture_rng, resolve_resume, restore_rng, save_checkpoint
+from train.config import TrainConfig
+from train.data import ERROR_KINDS, TrainData
+from train.losses import SoftCLIPLoss
+from train.metrics import MetricLogger
+from train.model import SoftCLIPModel, build_model
+
+__all__ = ["TrainSummary", "cosine_lr", "param_groups", "train"]
+
+MAX_LOGIT_SCALE = math.log(100)  # CLIP clamps the temperature at 1/100
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class TrainSummary:
+    """What a :func:`train` call did. ``first_loss``/``last_loss`` are this call's first and last steps."""
+
+    steps: int
+    samples: int
+    wall_s: float
+    first_loss: float
+    last_loss: float
+    checkpoint: str
+
+    def line(self) -> str:
+        """The one-line summary printed at the end."""
+        return (f"trained to step {self.steps} ({self.samples} samples) in {self.wall_s:.1f} s: loss "
+                f"{self.first_loss:.4f} -> {self.last_loss:.4f}; checkpoint {self.checkpoint}")
+
+
+def cosine_lr(step: int, *, base_lr: float, warmup_steps: int, total_steps: int) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warm-up to ``base_lr`` over
+    ``warmup_steps``, then cosine decay to 0 at ``total_steps``."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+    return 0.5 * base_lr * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: no weight decay on norms, biases, the logit scale and other 1-d / scalar parameters
+    (open_clip's rule), ``weight_decay`` on the rest."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        exclude = p.ndim < 2 or "bn" in name or "ln" in name or "norm" in name or "bias" in name
+        (no_decay if exclude or "logit_scale" in name else decay).append(p)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+def _init_distributed() -> tuple[int, int, torch.device]:
+    """``(rank, world_size, device)`` from torchrun's environment (a single process without it)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return (dist.get_rank() if world_size > 1 else 0), world_size, device
+
+
+def _all_ranks(obj, world_size: int) -> list:
+    """``obj`` of every rank, in rank order."""
+    if world_size == 1:
+        return [obj]
+    gathered = [None] * world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _checkpoint(cfg: TrainConfig, model: SoftCLIPModel, optimizer, progress: dict, world_size: int) -> dict:
+    """The checkpoint dict (see :mod:`train.checkpoint`); collective: every rank must call it."""
+    positions = _all_ranks(progress["positions"], world_size)
+    rng = _all_ranks(capture_rng(), world_size)
+    return {"state_dict": model.clip.state_dict(), "model_name": cfg.model.name,
+            "model_config": open_clip.get_model_config(cfg.model.name),
+            "roi_state_dict": model.roi.state_dict(), "optimizer": optimizer.state_dict(),
+            "step": progress["step"], "epoch": progress["epoch"], "data_position": positions, "rng": rng,
+            "config": to_dict(cfg)}
+
+
+def _restore(path: Path, cfg: TrainConfig, model: SoftCLIPModel, optimizer, rank: int) -> dict:
+    """Load a checkpoint into ``model`` and ``optimizer``; returns the progress to continue from."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    saved = from_dict(TrainConfig, ckpt["config"], source=str(path))
+    if saved.model != cfg.model:
+        raise ValueError(f"{path}: checkpoint model config {saved.model} differs from the run's {cfg.model}; "
+                         "resume with the config the run was started with")
+    if len(ckpt["data_position"]) <= rank:
+        raise ValueError(f"{path}: saved by {len(ckpt['data_position'])} ranks; resume with as many ranks")
+    model.clip.load_state_dict(ckpt["state_dict"])
+    model.roi.load_state_dict(ckpt["roi_state_dict"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    restore_rng(ckpt["rng"][rank])
+    return {"step": ckpt["step"], "epoch": ckpt["epoch"], "positions": ckpt["data_position"][rank]}
+
+
+def _train_step(model, loss_fn: SoftCLIPLoss, optimizer, batch: dict, cfg: TrainConfig,
+                device: torch.device) -> dict[str, torch.Tensor]:
+    """One optimizer step on ``batch``; returns the loss terms and the gradient norm as tensors."""
+    inputs = {"images": batch["images"], "texts": batch["texts"]}
+    if loss_fn.needs_tags:
+        inputs["tags"] = batch["tags"]
+    if loss_fn.needs_roi:
+        inputs |= {k: batch[k] for k in ("roi_features", "roi_geometry", "roi_mask")}
+    inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
+    use_bf16 = device.type == "cuda" and cfg.optim.precision == "bf16"
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        out = model(inputs.pop("images"), inputs.pop("texts"), **inputs)
+    losses = loss_fn(out["image"], out["text"], out["logit_scale"], out.get("roi"), out.get("tag"))
+    optimizer.zero_grad(set_to_none=True)
+    losses["loss"].backward()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    max_norm = cfg.optim.grad_clip_norm or float("inf")
+    losses["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    optimizer.step()
+    with torch.no_grad():
+        out_scale = _unwrap(model).clip.logit_scale
+        out_scale.clamp_(0, MAX_LOGIT_SCALE)
+    losses["logit_scale"] = out_scale.detach().exp()
+    return {k: v.detach() for k, v in losses.items()}
+
+
+def _unwrap(model) -> SoftCLIPModel:
+    model = getattr(model, "_orig_mod", model)  # torch.compile
+    return getattr(model, "module", model)  # DDP
+
+
+def _log_metrics(losses: dict, lr: float, timing: dict, errors: dict, global_batch: int) -> dict[str, float]:
+    """Numbers for one log line; raises FloatingPointError on a non-finite loss (training has diverged)."""
+    metrics = {k: float(v) for k, v in losses.items()}
+    if not math.isfinite(metrics["loss"]):
+        raise FloatingPointError(f"loss is {metrics['loss']} at this step: training diverged; lower optim.lr "
+                                 "or raise optim.warmup_steps and resume from an earlier checkpoint")
+    elapsed = max(timing["elapsed"], 1e-9)
+    metrics |= {"lr": lr, "samples_per_s": timing["steps"] * global_batch / elapsed,
+                "data_wait_s": timing["data_wait"] / max(timing["steps"], 1)}
+    metrics |= {f"data_{kind}": float(sum(e.get(kind, 0) for e in errors.values())) for kind in ERROR_KINDS}
+    return metrics
+
+
+def _setup(cfg: TrainConfig, resume: str | None, rank: int, world_size: int, device: torch.device):
+    """Model, loss, optimizer, data and the progress to start from (fresh or resumed)."""
+    _seed_everything(cfg.seed)  # identical initial weights on every rank
+    model, preprocess_train, _, tokenizer = build_model(cfg.model)
+    model.to(device)
+    loss_fn = SoftCLIPLoss(beta=cfg.loss.beta, tau_s=cfg.loss.tau_s, lam=cfg.loss.lam, mu=cfg.loss.mu,
+                           target_source=cfg.loss.target_source, detach_targets=cfg.loss.detach_targets,
+                           world_size=world_size)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                                  betas=cfg.optim.betas, eps=cfg.optim.eps)
+    data = TrainData(cfg.data, transform=preprocess_train, tokenizer=tokenizer,
+                     feature_dim=cfg.model.roi_feature_dim, seed=cfg.seed, rank=rank, world_size=world_size)
+    _seed_everything(cfg.seed + rank)
+    progress = {"step": 0, "epoch": 0, "positions": None}
+    if resume:
+        progress = _restore(resolve_resume(resume, cfg.run_dir), cfg, model, optimizer, rank)
+    return model, loss_fn, optimizer, data, progress
+
+
+@dataclasses.dataclass(kw_only=True)
+class _Run:
+    """Everything one training run carries between steps."""
+
+    cfg: TrainConfig
+    model: SoftCLIPModel  # unwrapped: what checkpoints hold
+    step_model: torch.nn.Module  # DDP / compiled wrapper that runs the steps
+    loss_fn: SoftCLIPLoss
+    optimizer: torch.optim.Optimizer
+    data: TrainData
+    logger: MetricLogger
+    bar: tqdm
+    device: torch.device
+    rank: int
+    world_size: int
+    total_steps: int
+    progress: dict  # step, epoch, positions (per worker [consumed, batches] this epoch)
+    losses: list = dataclasses.field(default_factory=list)  # logged losses of this call
+    saved_at: int = -1
+
+
+def _run_epoch(run: _Run) -> None:
+    """Steps through the rest of the current epoch (or up to ``total_steps``)."""
+    progress = run.progress
+    positions = [list(p) for p in (progress["positions"] or [[0, 0]] * run.data.num_workers)]
+    timing, errors = {"elapsed": 0.0, "steps": 0, "data_wait": 0.0}, {}
+    tick = time.perf_counter()
+    for batch in run.data.epoch_batches(progress["epoch"], progress["positions"]):
+        timing["data_wait"] += time.perf_counter() - tick
+        step = progress["step"]
+        lr = cosine_lr(step, base_lr=run.cfg.optim.lr, warmup_steps=run.cfg.optim.warmup_steps,
+                       total_steps=run.total_steps)
+        for group in run.optimizer.param_groups:
+            group["lr"] = lr
+        losses = _train_step(run.step_model, run.loss_fn, run.optimizer, batch, run.cfg, run.device)
+        positions[batch["worker"]] = [batch["consumed"], batch["batches"]]
+        errors[batch["worker"]] = batch["errors"]
+        progress |= {"step": step + 1, "positions": positions}
+        timing["steps"] += 1
+        timing["elapsed"] += time.perf_counter() - tick
+        run.bar.update(1)
+        if step == 0 or (step + 1) % run.cfg.log.every_n_steps == 0 or step + 1 == run.total_steps:
+            metrics = _log_metrics(losses, lr, timing, errors, run.cfg.data.batch_size)
+            run.losses.append(metrics["loss"])
+            run.logger.log(step + 1, metrics | {"epoch": progress["epoch"]})
+            run.bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+            timing = {"elapsed": 0.0, "steps": 0, "data_wait": 0.0}
+        if (step + 1) % run.cfg.log.checkpoint_every_n_steps == 0 or step + 1 == run.total_steps:
+            _save(run)
+        if progress["step"] >= run.total_steps:
+            return
+        tick = time.perf_counter()
+    progress |= {"epoch": progress["epoch"] + 1, "positions": None}
+
+
+def _save(run: _Run) -> None:
+    """Checkpoint the current step (collective; rank 0 writes)."""
+    ckpt = _checkpoint(run.cfg, run.model, run.optimizer, run.progress, run.world_size)
+    if run.rank == 0:
+        save_checkpoint(run.cfg.run_dir, run.progress["step"], ckpt, keep=run.cfg.log.keep_checkpoints)
+    run.saved_at = run.progress["step"]
+
+
+def _wrap(model: SoftCLIPModel, cfg: TrainConfig, world_size: int, device: torch.device) -> torch.nn.Module:
+    """DDP across ranks, then ``torch.compile`` when asked."""
+    if world_size > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    return torch.compile(model) if cfg.model.compile else model
+
+
+def train(cfg: TrainConfig, *, resume: str | None = None) -> TrainSummary:
+    """Train ``cfg`` (resuming from a checkpoint path or ``"latest"``); every rank of a torchrun job calls
+    this. Writes ``RUN_DIR/config.yaml``, ``metrics.jsonl``, ``tensorboard/`` and ``checkpoints/``
+    (``latest.pt`` is always the newest complete checkpoint)."""
+    start = time.perf_counter()
+    rank, world_size, device = _init_distributed()
+    model, loss_fn, optimizer, data, progress = _setup(cfg, resume, rank, world_size, device)
+    total_steps = data.steps_per_epoch * cfg.optim.epochs
+    total_steps = min(total_steps, cfg.optim.max_steps) if cfg.optim.max_steps else total_steps
+    if rank == 0:
+        save_config(cfg, Path(cfg.run_dir) / "config.yaml")
+    run = _Run(cfg=cfg, model=model, step_model=_wrap(model, cfg, world_size, device), loss_fn=loss_fn,
+               optimizer=optimizer, data=data, device=device, rank=rank, world_size=world_size,
+               total_steps=total_steps, progress=progress,
+               logger=MetricLogger(cfg.run_dir, resume_step=progress["step"], tensorboard=cfg.log.tensorboard,
+                                   enabled=rank == 0),
+               bar=tqdm(total=total_steps, initial=progress["step"], desc="train", unit="step",
+                        disable=rank != 0 or not cfg.log.progress))
+    while progress["step"] < total_steps:
+        _run_epoch(run)
+    if run.saved_at != progress["step"]:  # nothing left to train: still leave latest.pt in place
+        _save(run)
+    run.bar.close()
+    run.logger.close()
+    nan = float("nan")
+    return TrainSummary(steps=progress["step"], samples=progress["step"] * cfg.data.batch_size,
+                        wall_s=time.perf_counter() - start, first_loss=run.losses[0] if run.losses else nan,
+                        last_loss=run.losses[-1] if run.losses else nan,
+                        checkpoint=str(Path(cfg.run_dir) / "checkpoints" / "latest.pt"))
