@@ -25,7 +25,7 @@ def _split_checkpoint(item: str) -> tuple[str | None, str]:
 
 def build_config(
     *, checkpoints: list[str], tasks: str | None, out: Path | None, data_root: Path | None,
-    batch_size: int | None, config: Path | None, overrides: list[str],
+    batch_size: int | None, config: Path | None, overrides: list[str], model: str | None = None,
 ) -> EvalConfig:
     """Merge an optional YAML config, the command-line options and ``key=value`` overrides into an
     :class:`~eval.evaluate.EvalConfig` (options win over the file, overrides win over both)."""
@@ -48,7 +48,7 @@ def build_config(
             data["labels"] = named
     if tasks is not None:
         data["tasks"] = [t.strip() for t in tasks.split(",") if t.strip()]
-    for key, value in (("out", out), ("data_root", data_root), ("batch_size", batch_size)):
+    for key, value in (("out", out), ("data_root", data_root), ("batch_size", batch_size), ("model_name", model)):
         if value is not None:
             data[key] = str(value) if isinstance(value, Path) else value
     for key, flag in (("checkpoints", "--checkpoint"), ("out", "--out")):
@@ -66,12 +66,13 @@ def eval_command(
     out: Path | None = typer.Option(None, help="Report folder (results.json, results.md, results.png, eval.yaml)."),
     data_root: Path | None = typer.Option(None, help="Datasets root: imagenet/val, coco, flickr30k, shapes/eval."),
     batch_size: int | None = typer.Option(None, help="Images or texts per forward pass."),
+    model: str | None = typer.Option(None, help="open_clip architecture for checkpoints that name none."),
     config: Path | None = typer.Option(None, help="An EvalConfig YAML file."),
     set_: list[str] = typer.Option([], "--set", help="Override any EvalConfig key, e.g. --set device=cpu."),
 ) -> None:
     """Zero-shot classification (top-1/5, mean per-class recall) and retrieval (R@1/5/10) of checkpoints."""
     cfg = build_config(checkpoints=checkpoint, tasks=tasks, out=out, data_root=data_root,
-                       batch_size=batch_size, config=config, overrides=set_)
+                       batch_size=batch_size, config=config, overrides=set_, model=model)
     start = time.perf_counter()
     payload = run_eval(cfg)
     headline = "; ".join(

@@ -9,7 +9,9 @@ then for each checkpoint embeds each task's images and texts (:mod:`eval.embed`)
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,7 @@ from eval.report import write_report
 from eval.retrieval import retrieval_metrics
 from eval.zeroshot import classification_metrics
 from pipeline.config import save_config, to_dict
+from pipeline.io import atomic_write_json
 
 __all__ = ["EvalConfig", "checkpoint_labels", "evaluate_model", "run_eval"]
 
@@ -55,6 +58,8 @@ class EvalConfig:
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda[:N]``.
         amp: bf16 autocast on CUDA (no effect on CPU).
         split: the Karpathy split evaluated for retrieval tasks.
+        reuse: keep a task's metrics from an earlier run into the same ``out`` when the checkpoint file
+            (path, size, mtime), the task folder and these settings are unchanged.
     """
 
     checkpoints: tuple[Path, ...]
@@ -69,6 +74,7 @@ class EvalConfig:
     device: str = "auto"
     amp: bool = True
     split: str = "test"
+    reuse: bool = True
 
     def __post_init__(self) -> None:
         if not self.checkpoints:
@@ -132,14 +138,43 @@ def evaluate_model(loaded: LoadedModel, datasets: dict[str, ClassificationSet | 
     return results
 
 
-def _load_datasets(cfg: EvalConfig) -> dict[str, ClassificationSet | RetrievalSet]:
+def _load_datasets(cfg: EvalConfig) -> tuple[dict[str, ClassificationSet | RetrievalSet], dict[str, Path]]:
     tasks = expand_tasks(cfg.tasks)
     directories = {task: task_directory(task, cfg.data_root, cfg.paths) for task in tasks}  # fail fast
-    return {
+    datasets = {
         task: load_classification_set(task, directory) if TASKS[task].kind == "classification"
         else load_retrieval_set(task, directory, split=cfg.split)
         for task, directory in directories.items()
     }
+    return datasets, directories
+
+
+def _task_key(cfg: EvalConfig, checkpoint: Path, directory: Path) -> dict[str, Any]:
+    """What a cached task result depends on; a rerun recomputes the task when any of it changes."""
+    stat = Path(checkpoint).stat()
+    return {"checkpoint": str(Path(checkpoint).resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+            "model_name": cfg.model_name, "task_dir": str(Path(directory).resolve()), "split": cfg.split,
+            "amp": cfg.amp}
+
+
+def _evaluate_with_cache(cfg: EvalConfig, label: str, checkpoint: Path, device: torch.device,
+                         datasets: dict[str, ClassificationSet | RetrievalSet],
+                         directories: dict[str, Path]) -> tuple[dict[str, Any], str]:
+    """Metrics of one checkpoint on every task, reusing ``out/per_checkpoint/<label>.json`` entries whose
+    key matches (a rerun after a crash or with more tasks only computes what is missing)."""
+    cache_path = Path(cfg.out) / "per_checkpoint" / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', label)}.json"
+    cache = json.loads(cache_path.read_text()) if cfg.reuse and cache_path.is_file() else {"tasks": {}}
+    keys = {task: _task_key(cfg, checkpoint, directories[task]) for task in datasets}
+    todo = {task: data for task, data in datasets.items() if cache["tasks"].get(task, {}).get("key") != keys[task]}
+    if todo:
+        loaded = load_open_clip_checkpoint(checkpoint, model_name=cfg.model_name, device=device)
+        cache["model_name"] = loaded.model_name
+        for task, metrics in evaluate_model(loaded, todo, cfg, device).items():
+            cache["tasks"][task] = {"key": keys[task], "metrics": metrics}
+            atomic_write_json(cache_path, cache)  # after every task, so a crash loses at most one
+    else:
+        log.info("%s: every task reused from %s", label, cache_path)
+    return {task: cache["tasks"][task]["metrics"] for task in datasets}, cache["model_name"]
 
 
 def _task_notes(datasets: dict[str, ClassificationSet | RetrievalSet]) -> dict[str, str]:
@@ -164,15 +199,14 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     missing = [str(p) for p in cfg.checkpoints if not Path(p).is_file()]
     if missing:
         raise FileNotFoundError(f"checkpoint(s) not found: {', '.join(missing)}")
-    datasets = _load_datasets(cfg)
+    datasets, directories = _load_datasets(cfg)
     device = pick_device(cfg.device)
     results, info, seconds = {}, [], {}
     for label, path in zip(labels, cfg.checkpoints):
         start = time.perf_counter()
-        loaded = load_open_clip_checkpoint(path, model_name=cfg.model_name, device=device)
-        results[label] = evaluate_model(loaded, datasets, cfg, device)
+        results[label], model_name = _evaluate_with_cache(cfg, label, path, device, datasets, directories)
         seconds[label] = round(time.perf_counter() - start, 2)
-        info.append({"label": label, "path": str(path), "model_name": loaded.model_name})
+        info.append({"label": label, "path": str(path), "model_name": model_name})
         log.info("evaluated %s (%s) in %.1f s", label, path, seconds[label])
     payload = {
         "labels": labels,

@@ -114,3 +114,25 @@ def test_cli_missing_dataset_fails_before_loading_models(world, tmp_path):
     assert result.exit_code != 0
     assert "dataset_coco.json" in str(result.exception) and "val2014" in str(result.exception)
     assert not (tmp_path / "r" / "results.json").exists()
+
+
+def test_rerun_reuses_unchanged_results_and_recomputes_a_changed_checkpoint(world, tmp_path, monkeypatch):
+    import os
+
+    import eval.evaluate as evaluate
+
+    root, clip, _ = world
+    cfg = EvalConfig(checkpoints=(clip,), tasks=("shapes-shape",), out=tmp_path / "r",
+                     data_root=root / "data", num_workers=0)
+    first = evaluate.run_eval(cfg)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model should not be loaded again")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(evaluate, "load_open_clip_checkpoint", refuse)
+        assert evaluate.run_eval(cfg)["results"] == first["results"]
+        os.utime(clip, ns=(clip.stat().st_atime_ns, clip.stat().st_mtime_ns + 10**9))
+        with pytest.raises(AssertionError, match="should not be loaded"):
+            evaluate.run_eval(cfg)
+    assert evaluate.run_eval(cfg)["results"] == first["results"]
