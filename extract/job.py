@@ -1,0 +1,214 @@
+"""The extraction job: image-text shards in, one Parquet feature shard per input shard out, with Ray Data.
+
+Design (shard-granular, streaming, detector-bound)::
+
+    driver: list source shards, drop those the manifest verifies      (resume)
+      -> ray.data.from_items([{spec, shard}], one block per shard)
+      -> flat_map(read_shard_rows)             CPU tasks: read the tar, decode + validate every image,
+                                               emit one row per sample, then an end-of-shard marker
+      -> map_batches(DetectorActor, compute=ActorPoolStrategy(size=N), num_gpus=1 | 0, batch_size=B)
+                                               stateful actors: the model loads once per actor
+      -> iter_batches on the driver -> ShardAssembler: append row groups to a temporary file per
+                                               shard, rename it into place when all its rows are in,
+                                               record it (row count, SHA-256) in manifest.json
+
+*Streaming*: Ray's streaming executor keeps a bounded number of blocks in flight (backpressure), and
+the driver holds at most one row group per open shard, so memory does not grow with the dataset.
+*Detector-bound*: reading and decoding run in their own CPU tasks, in parallel over shards; the
+flat_map is never fused into the actors (it can change the row count, and Ray does not fuse such a map
+into a batched one), so actors only detect. *Exactly once*: a shard is one file that appears atomically,
+and it counts only when the manifest lists it with a checksum that still matches; the assembler drops
+rows delivered twice by retried tasks; a rerun after any crash redoes exactly the shards not committed.
+*Bad input*: every sample becomes a row; problems are ``status="error"`` rows with a reason, and a
+shard that cannot be opened at all is a manifest entry (``"unreadable"``), retried on the next run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from extract.actor import DetectorActor
+from extract.job_config import ExtractConfig
+from extract.manifest import Manifest
+from extract.stages import read_shard_rows
+from extract.writer import ShardAssembler, remove_stale_temporaries
+from pipeline.config import save_config
+from pipeline.io import file_sha256
+from pipeline.sources import open_source
+
+__all__ = ["ExtractSummary", "fingerprint", "resolve_dataset_spec", "run_extraction"]
+
+_CODE_DIRS = ("extract", "pipeline")  # shipped to the workers of a joined cluster
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class ExtractSummary:
+    """What a run did (this run) and what the directory holds (totals)."""
+
+    out: str
+    shards_total: int
+    shards_skipped: int
+    shards_written: int
+    images_this_run: int
+    seconds: float
+    detector_seconds: float  # summed over actors
+    actors: int
+    totals: dict[str, Any]
+
+    @property
+    def images_per_second(self) -> float:
+        """This run's throughput."""
+        return self.images_this_run / self.seconds if self.seconds > 0 else 0.0
+
+    def line(self) -> str:
+        """The one-line summary printed at the end."""
+        t = self.totals
+        errors = ", ".join(f"{k}={v}" for k, v in t["errors"].items()) or "none"
+        return (f"extract: {t['images']} images, {t['ok']} ok, errors: {errors}; "
+                f"{t['boxes_per_image']:.1f} boxes/image, {t['bytes_per_image'] / 1024:.1f} KiB/image; "
+                f"shards {t['shards_complete']}/{self.shards_total} complete ({self.shards_skipped} skipped, "
+                f"{t['shards_unreadable']} unreadable); this run {self.images_this_run} images in "
+                f"{self.seconds:.1f} s ({self.images_per_second:.1f} img/s, {self.actors} actors) -> {self.out}")
+
+
+def resolve_dataset_spec(name_or_path: str) -> str:
+    """A dataset path or brace pattern as an absolute spec; a bare name (no path separator, no such
+    file) is looked up in the dataset registry (``workflows/datasets/<name>.yaml`` under ``DATA_ROOT``)."""
+    if "{" in name_or_path or os.sep in name_or_path or Path(name_or_path).exists():
+        return os.path.abspath(name_or_path)
+    from workflows.datasets import resolve_dataset  # a stage may use the registry; pipeline/ may not
+
+    return os.path.abspath(resolve_dataset(name_or_path))
+
+
+def fingerprint(cfg: ExtractConfig, spec: str) -> dict[str, Any]:
+    """What makes two extractions comparable: dataset, detector file checksums, output settings."""
+    for path in (cfg.weights, cfg.labelmap):
+        if not path.is_file():
+            raise FileNotFoundError(f"detector file not found: {path} (give --weights and --labelmap)")
+    return {"dataset": spec, "weights_sha256": file_sha256(cfg.weights),
+            "labelmap_sha256": file_sha256(cfg.labelmap), "settings": cfg.settings()}
+
+
+def _init_ray(cfg: ExtractConfig) -> bool:
+    """Join ``cfg.ray_address`` or start a local Ray; returns whether this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if cfg.ray_address:
+        root = Path(__file__).resolve().parent.parent
+        ray.init(address=cfg.ray_address, runtime_env={"py_modules": [str(root / d) for d in _CODE_DIRS]})
+    else:
+        ray.init(num_cpus=cfg.num_cpus or None, include_dashboard=False, log_to_driver=False)
+    return True
+
+
+def _actor_plan(cfg: ExtractConfig) -> tuple[ExtractConfig, int, float]:
+    """``(cfg with torch threads resolved, number of actors, GPUs per actor)`` for the connected cluster."""
+    import ray
+
+    resources = ray.cluster_resources()
+    gpus = resources.get("GPU", 0.0) if cfg.device != "cpu" else 0.0
+    if cfg.device == "cuda" and not gpus:
+        raise ValueError("device=cuda but the Ray cluster has no GPUs; use device=auto or device=cpu")
+    if gpus:
+        return cfg, cfg.actors or max(1, int(gpus // cfg.gpus_per_actor)), cfg.gpus_per_actor
+    actors = cfg.actors or 1
+    free = resources.get("CPU", 0.0) - actors * cfg.cpus_per_actor
+    if free < 1:
+        raise ValueError(
+            f"{actors} CPU actors x cpus_per_actor={cfg.cpus_per_actor} leave {free:g} of "
+            f"{resources.get('CPU', 0):g} Ray CPUs for reading and decoding (need 1); lower actors or "
+            "cpus_per_actor, or start Ray with more CPUs (num_cpus)")
+    threads = cfg.torch_threads or max(1, math.floor(cfg.cpus_per_actor))
+    return cfg.replace(torch_threads=threads), actors, 0.0
+
+
+def _dataset(cfg: ExtractConfig, spec: str, shards: list[str], actors: int, gpus: float):
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # the driver shows images/s itself
+    items = [{"spec": spec, "shard": name} for name in shards]
+    return (ray.data.from_items(items, override_num_blocks=len(items))
+            .flat_map(read_shard_rows, fn_kwargs={"max_pixels": cfg.max_pixels,
+                                                   "require_caption": cfg.require_caption})
+            .map_batches(DetectorActor, fn_constructor_kwargs={"cfg": cfg},
+                         compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=gpus or None,
+                         num_cpus=cfg.cpus_per_actor if not gpus else None, batch_size=cfg.batch_size,
+                         batch_format="numpy"))
+
+
+def _run_pending(cfg: ExtractConfig, spec: str, pending: list[str], manifest: Manifest) -> tuple[int, float, int]:
+    """Extract the ``pending`` shards; returns (images, detector seconds, actors)."""
+    cfg, actors, gpus = _actor_plan(cfg)
+    assembler = ShardAssembler(cfg.out, manifest, row_group_size=cfg.row_group_size)
+    images, detector_seconds, written = 0, 0.0, 0
+    with tqdm(unit="img", desc="extract", disable=not cfg.progress, dynamic_ncols=True) as bar:
+        try:
+            for batch in _dataset(cfg, spec, pending, actors, gpus).iter_batches(batch_size=None,
+                                                                                 batch_format="numpy"):
+                added, done = assembler.add(batch)
+                images += added
+                detector_seconds += float(batch["detect_seconds"].sum())
+                bar.update(added)
+                if done:
+                    written += len(done)
+                    bar.set_postfix_str(f"shards {written}/{len(pending)}", refresh=False)
+        except BaseException:
+            assembler.abort()
+            raise
+    assembler.close()
+    return images, detector_seconds, actors
+
+
+def run_extraction(cfg: ExtractConfig) -> ExtractSummary:
+    """Run (or resume) the extraction described by ``cfg``; see the module docstring.
+
+    Raises:
+        ManifestMismatchError: ``cfg.out`` holds an extraction with another fingerprint.
+        FileNotFoundError, SourceError: the dataset or the detector files are missing.
+    """
+    start = time.perf_counter()
+    spec = resolve_dataset_spec(cfg.dataset)
+    cfg = cfg.replace(dataset=spec, out=cfg.out.resolve())
+    source = open_source(spec)
+    manifest = Manifest.open(cfg.out, fingerprint(cfg, spec))
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(cfg.out)
+    names = [s.name for s in source.shards]
+    pending = [n for n in names if not manifest.verified(n, cfg.verify)]
+    for name in pending:
+        manifest.shards.pop(name, None)
+    save_config(cfg, cfg.out / "extract.yaml")
+    manifest.save()
+    images, detector_seconds, actors, started_ray = 0, 0.0, 0, False
+    try:
+        if pending or cfg.pack:
+            started_ray = _init_ray(cfg)
+        if pending:
+            images, detector_seconds, actors = _run_pending(cfg, spec, pending, manifest)
+        if cfg.pack:
+            from extract.pack import pack_directory
+
+            pack_directory(cfg.out, progress=cfg.progress)
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+    seconds = time.perf_counter() - start
+    manifest.add_run({"started": time.time() - seconds, "seconds": round(seconds, 3), "images": images,
+                      "shards": len(pending), "actors": actors, "detector_seconds": round(detector_seconds, 3)})
+    return ExtractSummary(out=str(cfg.out), shards_total=len(names), shards_skipped=len(names) - len(pending),
+                          shards_written=sum(manifest.verified(n, "size") for n in pending),
+                          images_this_run=images, seconds=seconds, detector_seconds=detector_seconds,
+                          actors=actors, totals=manifest.data["totals"])

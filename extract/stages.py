@@ -1,0 +1,88 @@
+"""The CPU stages of the extraction job: read a source shard into rows, decode and validate images.
+
+Rows travel through Ray Data as columns (see :data:`ROW_COLUMNS`). Every sample of a shard becomes one
+row with ``index`` its position in the shard; after the last sample comes one *end-of-shard marker*
+(``index = -1``, ``shard_total`` = number of samples, ``shard_error`` set when the shard could not be
+read at all). The writer on the driver uses the marker to know when a shard is complete, whatever order
+the rows arrive in.
+
+Problems never raise here: they become the row's ``error``, ``"<reason>: <detail>"`` with a reason in
+:data:`ERROR_REASONS`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from pipeline.images import ImageDecodeError, decode_image
+from pipeline.sources import Source, SourceError, open_source
+
+__all__ = ["ERROR_REASONS", "ROW_COLUMNS", "decode_sample", "error_reason", "read_shard_rows"]
+
+ERROR_REASONS = ("empty", "corrupt", "truncated", "too_large", "missing_image", "missing_caption",
+                 "read_error")
+ROW_COLUMNS = ("key", "shard", "index", "shard_total", "shard_error", "caption", "error", "pixels", "width",
+               "height")
+_EMPTY_PIXELS = np.zeros((0, 0, 3), np.uint8)
+
+
+def error_reason(error: str) -> str:
+    """The reason part of an error string ``"<reason>: <detail>"``."""
+    return error.partition(":")[0].strip()
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_source(spec: str) -> Source:
+    # A worker process reads many shards of the same dataset; listing it once is enough.
+    return open_source(spec)
+
+
+def _row(key: str, shard: str, index: int, *, caption: str = "", error: str = "", pixels: np.ndarray = _EMPTY_PIXELS,
+         shard_total: int = -1, shard_error: str = "") -> dict[str, Any]:
+    return {"key": key, "shard": shard, "index": index, "shard_total": shard_total, "shard_error": shard_error,
+            "caption": caption, "error": error, "pixels": pixels, "width": pixels.shape[1],
+            "height": pixels.shape[0]}
+
+
+def read_shard_rows(item: dict[str, Any], *, max_pixels: int, require_caption: bool) -> Iterator[dict[str, Any]]:
+    """Ray ``flat_map`` function (a CPU task per shard): ``{"spec": dataset, "shard": name}`` -> one
+    decoded row per sample (see :func:`decode_sample`), then the end-of-shard marker. A shard that cannot
+    be opened yields only the marker, with ``shard_error``; a truncated one ends with the samples it had."""
+    spec, name = str(item["spec"]), str(item["shard"])
+    count = 0
+    try:
+        source = _cached_source(spec)
+        shard = next((s for s in source.shards if s.name == name), None)
+        if shard is None:
+            raise SourceError(f"{spec}: no shard named {name} (was the dataset changed during the run?)")
+        for sample in source.iter_shard(shard):
+            caption = sample.caption or ""
+            if sample.error:
+                pixels, error = _EMPTY_PIXELS, f"read_error: {sample.error}"
+            else:
+                pixels, error = decode_sample(sample.image, caption, max_pixels=max_pixels,
+                                              require_caption=require_caption)
+            yield _row(sample.key, name, count, caption=caption, error=error, pixels=pixels)
+            count += 1
+    except SourceError as err:
+        yield _row("", name, -1, shard_total=count, shard_error=str(err))
+        return
+    yield _row("", name, -1, shard_total=count)
+
+
+def decode_sample(image: bytes | None, caption: str, *, max_pixels: int,
+                  require_caption: bool) -> tuple[np.ndarray, str]:
+    """Validate and decode one sample through :func:`pipeline.images.decode_image` (EXIF orientation, RGB
+    conversion, decompression-bomb guard): ``(pixels [H, W, 3] uint8, "")`` or ``([0, 0, 3], error)``."""
+    if require_caption and not caption.strip():
+        return _EMPTY_PIXELS, "missing_caption: the sample has no caption (.txt or json 'caption')"
+    if image is None:
+        return _EMPTY_PIXELS, "missing_image: the sample has no image member"
+    try:
+        return np.asarray(decode_image(image, max_pixels=max_pixels)), ""
+    except ImageDecodeError as err:
+        return _EMPTY_PIXELS, f"{err.reason}: {err.detail}"
