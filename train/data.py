@@ -95,7 +95,10 @@ class _Stream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
-        worker = info.id if info is not None else 0
+        # The DataLoader takes batches round-robin starting at its worker 0; when resuming after `done`
+        # batches the next one is due from logical worker done % num_workers, so the ids are rotated.
+        done = sum(batches for _, batches in self.positions)
+        worker = ((info.id if info is not None else 0) + done) % len(self.positions)
         yield from self.data._worker_batches(self.epoch, worker, *self.positions[worker])
 
 
@@ -111,7 +114,7 @@ class TrainData:
 
     A batch is a dict: ``images [B, 3, H, W]``, ``texts``/``tags`` ``[B, L]``, ``roi_features [B, M, D]``
     float16, ``roi_geometry [B, M, 6]``, ``roi_mask [B, M]`` (True for a box), with ``B`` the per-rank batch
-    and ``M = max_boxes``, plus ``worker``, ``consumed``, ``batches`` and ``errors`` (cumulative per worker
+    and ``M = max_boxes``, plus ``keys`` (list of sample keys), ``worker``, ``consumed``, ``batches`` and ``errors`` (cumulative per worker
     and epoch).
     """
 
@@ -255,7 +258,7 @@ class TrainData:
             torch.manual_seed(seed)
             pixels = self.transform(image)
         keep = np.argsort(-raw.scores, kind="stable")[: self.cfg.max_boxes]
-        return {"image": pixels, "caption": raw.caption, "tags": raw.tags,
+        return {"key": raw.key, "image": pixels, "caption": raw.caption, "tags": raw.tags,
                 "roi": raw.roi[keep], "geometry": raw.geometry[keep]}
 
     def _collate(self, items: list[dict]) -> dict:
@@ -271,4 +274,5 @@ class TrainData:
         return {"images": torch.stack([item["image"] for item in items]),
                 "texts": self.tokenizer([item["caption"] for item in items]),
                 "tags": self.tokenizer([item["tags"] for item in items]),
-                "roi_features": roi, "roi_geometry": geometry, "roi_mask": mask}
+                "roi_features": roi, "roi_geometry": geometry, "roi_mask": mask,
+                "keys": [item["key"] for item in items]}

@@ -1,0 +1,133 @@
+"""Training data: oracle annotation features, packed vs Parquet routes, resume positions, corrupt input."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.annotation_features import (
+    ANNOTATION_FEATURE_DIM,
+    annotation_roi_features,
+    write_annotation_shards,
+)
+from pipeline.shards import read_webdataset_shard
+from train.config import DataConfig, ModelConfig
+from train.data import TrainData, count_samples, expand_shards
+from train.model import build_model
+
+
+@pytest.fixture(scope="module")
+def packed(shapes_world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("packed")
+    write_annotation_shards(shapes_world / "train", out, parquet=True, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def transforms():
+    _, preprocess, _, tokenizer = build_model(ModelConfig(name="shapes-tiny", roi_feature_dim=72, roi_width=32,
+                                                          roi_heads=4))
+    return preprocess, tokenizer
+
+
+def _data(transforms, root, **kw):
+    preprocess, tokenizer = transforms
+    rank, world_size = kw.pop("rank", 0), kw.pop("world_size", 1)
+    cfg = DataConfig(**{"train_shards": str(root), "batch_size": 8, "num_workers": 0, "max_boxes": 5,
+                        "shuffle_buffer": 20} | kw)
+    return TrainData(cfg, transform=preprocess, tokenizer=tokenizer, feature_dim=ANNOTATION_FEATURE_DIM,
+                     seed=3, rank=rank, world_size=world_size)
+
+
+def test_annotation_features(packed, shapes_world):
+    records = [r for r, _ in read_webdataset_shard(packed / "00000.tar")]
+    assert len(records) == 50 and all(r.detector == "annotations" for r in records)
+    record = records[0]
+    assert record.roi_features.shape == (record.num_boxes, 72) and record.roi_features.dtype == np.float16
+    assert record.tags == " ".join(f"{a[0]} {c}" for a, c in zip(record.attr_names, record.class_names))
+    from PIL import Image
+
+    red = Image.new("RGB", (20, 20), (255, 0, 0))
+    feats = annotation_roi_features(red, np.array([[2, 2, 10, 10]])).astype(np.float32)
+    np.testing.assert_allclose(feats[0, :48].reshape(4, 4, 3)[..., 0], 1.0)
+    np.testing.assert_allclose(feats[0, 48 + 7], 1.0)  # all of R in the top bin
+    np.testing.assert_allclose(feats[0, 48 + 8], 1.0)  # all of G in the bottom bin
+    assert count_samples(expand_shards(str(packed), "tar")) == 120 == count_samples(expand_shards(str(packed), "parquet"))
+
+
+def test_packed_and_parquet_routes_give_the_same_batches(packed, shapes_world, transforms):
+    wds = list(_data(transforms, packed).epoch_batches(0))
+    pq = list(_data(transforms, packed, format="parquet", source_shards=str(shapes_world / "train")).epoch_batches(0))
+    assert len(wds) == len(pq) == 15
+    for a, b in zip(wds, pq):
+        assert a["keys"] == b["keys"]
+        for name in ("images", "texts", "tags", "roi_features", "roi_geometry", "roi_mask"):
+            assert torch.equal(a[name], b[name]), name
+    batch = wds[0]
+    assert batch["images"].shape == (8, 3, 64, 64) and batch["roi_features"].shape == (8, 5, 72)
+    assert batch["roi_mask"].any(1).all()
+
+
+def test_epochs_differ_and_resume_positions_are_exact(packed, transforms):
+    data = _data(transforms, packed, num_workers=2)
+    epoch0 = list(data.epoch_batches(0))
+    assert [b["keys"] for b in epoch0] == [b["keys"] for b in data.epoch_batches(0)]
+    assert [b["keys"] for b in epoch0] != [b["keys"] for b in data.epoch_batches(1)]
+    positions = [[0, 0], [0, 0]]
+    for batch in epoch0[:5]:
+        positions[batch["worker"]] = [batch["consumed"], batch["batches"]]
+    rest = list(data.epoch_batches(0, positions))
+    assert [b["keys"] for b in rest] == [b["keys"] for b in epoch0[5:]]
+    assert torch.equal(rest[0]["images"], epoch0[5]["images"])  # the random crop is per sample, not per stream
+
+
+def test_ranks_read_disjoint_samples(packed, transforms):
+    # one pass over each rank's shards (ranks with fewer samples than their quota cycle, and may overlap)
+    keys = [{k for b in _data(transforms, packed, world_size=2, rank=r, batch_size=16, num_samples=32,
+                              shuffle_buffer=4).epoch_batches(0)
+             for k in b["keys"]} for r in range(2)]
+    assert len(keys[0]) == len(keys[1]) == 16
+    assert keys[0] and keys[1] and not keys[0] & keys[1]
+
+
+def _member(tar, name, data):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def test_corrupt_samples_are_skipped_and_counted(packed, tmp_path, transforms):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    with tarfile.open(packed / "00000.tar") as src, tarfile.open(bad / "00000.tar", "w") as dst:
+        for member in src:
+            data = src.extractfile(member).read()
+            key, _, suffix = member.name.partition(".")
+            if key.endswith("0001") and suffix == "jpg":
+                data = b"not a jpeg"
+            if key.endswith("0002") and suffix == "roi.npy":
+                data = b"garbage"
+            if key.endswith("0003") and suffix == "json":
+                data = json.dumps(json.loads(data) | {"status": "error"}).encode()
+            _member(dst, member.name, data)
+        _member(dst, "zzzz.json", b"{broken")
+    batches = list(_data(transforms, bad, num_samples=40).epoch_batches(0))
+    assert len(batches) == 5
+    errors = batches[-1]["errors"]
+    assert errors["bad_image"] >= 1 and errors["bad_sample"] >= 2 and errors["error_row"] >= 1
+    assert not any(k.endswith(("0001", "0002", "0003")) for b in batches for k in b["keys"])
+
+
+def test_wrong_feature_dim_and_missing_shards_are_explained(packed, transforms, tmp_path):
+    preprocess, tokenizer = transforms
+    data = TrainData(DataConfig(train_shards=str(packed), batch_size=4, num_workers=0), transform=preprocess,
+                     tokenizer=tokenizer, feature_dim=2048)
+    with pytest.raises(ValueError, match="model.roi_feature_dim=72"):
+        next(data.epoch_batches(0))
+    with pytest.raises(FileNotFoundError, match="data.train_shards"):
+        _data(transforms, tmp_path / "nothing")
