@@ -64,7 +64,9 @@ def eval_command(
     ),
     tasks: str | None = typer.Option(None, help="Comma-separated: shapes, imagenet, coco, flickr30k, shapes-shape, ..."),
     out: Path | None = typer.Option(None, help="Report folder (results.json, results.md, results.png, eval.yaml)."),
-    data_root: Path | None = typer.Option(None, help="Datasets root: imagenet/val, coco, flickr30k, shapes/eval."),
+    data_root: Path | None = typer.Option(
+        None, envvar="DATA_ROOT", help="Datasets root: imagenet/val, coco, flickr30k, shapes/eval."
+    ),
     batch_size: int | None = typer.Option(None, help="Images or texts per forward pass."),
     model: str | None = typer.Option(None, help="open_clip architecture for checkpoints that name none."),
     config: Path | None = typer.Option(None, help="An EvalConfig YAML file."),

@@ -95,7 +95,7 @@ def plot_results(results: Results, labels: Sequence[str], tasks: Sequence[str], 
             values = [100 * (row.get(m) if row.get(m) is not None else math.nan) for m in metrics]
             xs = [j + (i - (len(labels) - 1) / 2) * width for j in range(len(metrics))]
             bars = ax.bar(xs, values, width, label=label, color=f"C{i}")
-            ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=1)
+            ax.bar_label(bars, labels=["n/a" if math.isnan(v) else f"{v:.1f}" for v in values], fontsize=7, padding=1)
         ax.set_title(task, fontsize=11)
         ax.set_xticks(range(len(metrics)), [metric_title(m).replace(" R@", "\nR@") for m in metrics],
                       fontsize=8, rotation=0)
@@ -105,8 +105,9 @@ def plot_results(results: Results, labels: Sequence[str], tasks: Sequence[str], 
     for ax in list(axes.flat)[len(tasks):]:
         ax.axis("off")
     handles, names = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="upper center", ncol=max(1, len(labels)), frameon=False)
-    fig.tight_layout(rect=(0, 0, 1, 0.94))
+    fig.legend(handles, names, loc="upper right", ncol=max(1, len(labels)), frameon=False)
+    fig.suptitle("Zero-shot evaluation (%, higher is better)", x=0.01, ha="left", fontsize=12)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
     path = Path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
