@@ -136,3 +136,19 @@ def test_rerun_reuses_unchanged_results_and_recomputes_a_changed_checkpoint(worl
         with pytest.raises(AssertionError, match="should not be loaded"):
             evaluate.run_eval(cfg)
     assert evaluate.run_eval(cfg)["results"] == first["results"]
+
+
+def test_classifier_matches_open_clip_build_zero_shot_classifier(world):
+    from open_clip import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES, build_zero_shot_classifier
+
+    from eval.datasets import imagenet_templates
+    from eval.embed import zero_shot_classifier
+
+    _, clip, _ = world
+    loaded = load_open_clip_checkpoint(clip)
+    classnames = list(IMAGENET_CLASSNAMES[:3])
+    ours = zero_shot_classifier(loaded.model, loaded.tokenizer, classnames, imagenet_templates()[:7],
+                                batch_size=5, device=torch.device("cpu"))
+    reference = build_zero_shot_classifier(loaded.model, loaded.tokenizer, classnames,
+                                           OPENAI_IMAGENET_TEMPLATES[:7], num_classes_per_batch=2)
+    torch.testing.assert_close(ours, reference.T, atol=1e-5, rtol=1e-5)
