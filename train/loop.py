@@ -178,6 +178,8 @@ def _setup(cfg: TrainConfig, resume: str | None, rank: int, world_size: int, dev
     loss_fn = SoftCLIPLoss(beta=cfg.loss.beta, tau_s=cfg.loss.tau_s, lam=cfg.loss.lam, mu=cfg.loss.mu,
                            target_source=cfg.loss.target_source, detach_targets=cfg.loss.detach_targets,
                            world_size=world_size)
+    if not loss_fn.needs_roi:  # e.g. the CLIP baseline: no gradient ever reaches it, and DDP must not wait
+        model.roi.requires_grad_(False)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
                                   betas=cfg.optim.betas, eps=cfg.optim.eps)
     data = TrainData(cfg.data, transform=preprocess_train, tokenizer=tokenizer,

@@ -1,0 +1,103 @@
+"""The training loop and CLI on the shapes world (CPU): resume equals an uninterrupted run, checkpoints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import typer
+from typer.testing import CliRunner
+
+from pipeline.annotation_features import write_annotation_shards
+from pipeline.config import apply_overrides, from_dict, load_config, save_config, to_dict
+from train.cli import register
+from train.config import TrainConfig
+from train.loop import cosine_lr, param_groups, train
+from train.model import load_checkpoint_model
+
+CONFIGS = sorted((Path(__file__).parents[1] / "train" / "configs").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def data_root(shapes_world, tmp_path_factory):
+    root = tmp_path_factory.mktemp("data_root")
+    write_annotation_shards(shapes_world / "train", root / "shapes" / "packed", progress=False)
+    return root
+
+
+def _cfg(data_root, run_dir, name="shapes-softclip", *extra):
+    cfg = load_config(TrainConfig, CONFIGS[0].parent / f"{name}.yaml")
+    return apply_overrides(cfg, [f"run_dir={run_dir}", f"data.root={data_root}", "data.batch_size=16",
+                                 "data.num_workers=0", "data.shuffle_buffer=16", "model.roi_width=32",
+                                 "optim.warmup_steps=2", "log.every_n_steps=1", "log.progress=false",
+                                 "log.tensorboard=false", *extra])
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_configs_load_and_round_trip(path):
+    cfg = load_config(TrainConfig, path)
+    assert from_dict(TrainConfig, to_dict(cfg)) == cfg
+    assert (cfg.loss.lam == cfg.loss.mu == 0) == path.stem.endswith("-clip")
+
+
+def test_cosine_schedule_and_param_groups():
+    lrs = [cosine_lr(s, base_lr=1.0, warmup_steps=4, total_steps=14) for s in range(14)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0] and lrs[4] == 1.0
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:])) and lrs[-1] == pytest.approx(0.0244, abs=1e-3)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.LayerNorm(3))
+    no_decay, decay = param_groups(model, 0.1)
+    assert [p.shape for p in decay["params"]] == [(3, 3)] and len(no_decay["params"]) == 3
+
+
+def test_resume_continues_exactly(data_root, tmp_path):
+    straight = train(_cfg(data_root, tmp_path / "a", "shapes-softclip", "optim.max_steps=4"))
+    first = train(_cfg(data_root, tmp_path / "b", "shapes-softclip", "optim.max_steps=4",
+                       "log.checkpoint_every_n_steps=2"))
+    assert first.steps == straight.steps == 4
+    resumed = train(_cfg(data_root, tmp_path / "b", "shapes-softclip", "optim.max_steps=4"),
+                    resume=str(tmp_path / "b" / "checkpoints" / "step_0000002.pt"))
+    assert resumed.steps == 4
+    a = torch.load(tmp_path / "a" / "checkpoints" / "latest.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "checkpoints" / "latest.pt", weights_only=True)
+    for key in ("state_dict", "roi_state_dict"):
+        for name, tensor in a[key].items():
+            torch.testing.assert_close(b[key][name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    assert a["data_position"] == b["data_position"] and a["step"] == b["step"] == 4
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]  # the resumed run replaced, not duplicated, steps 3 and 4
+    straight_losses = [json.loads(x)["loss"] for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    resumed_losses = [json.loads(x)["loss"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert resumed_losses == pytest.approx(straight_losses, rel=1e-4)
+
+
+def test_cli_trains_clip_and_checkpoint_loads(data_root, tmp_path):
+    app = typer.Typer()
+    register(app)
+    run_dir = tmp_path / "clip"
+    cfg_path = tmp_path / "cfg.yaml"
+    save_config(_cfg(data_root, run_dir, "shapes-clip"), cfg_path)
+    result = CliRunner().invoke(app, ["--config", str(cfg_path), "optim.max_steps=3"])
+    assert result.exit_code == 0, result.output
+    assert "trained to step 3" in result.output
+    files = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert files == ["latest.pt", "step_0000003.pt"]
+    ckpt = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=True)
+    assert ckpt["model_name"] == "shapes-tiny" and ckpt["config"]["loss"]["lam"] == 0.0
+    assert set(ckpt) >= {"state_dict", "model_config", "roi_state_dict", "optimizer", "step", "rng",
+                         "data_position", "config"}
+    model, _, _ = load_checkpoint_model(run_dir / "checkpoints" / "latest.pt")
+    torch.testing.assert_close(model.state_dict()["logit_scale"], ckpt["state_dict"]["logit_scale"])
+    resumed = CliRunner().invoke(app, ["--config", str(cfg_path), "optim.max_steps=3", "--resume", "latest"])
+    assert resumed.exit_code == 0 and "trained to step 3" in resumed.output
+    bad = CliRunner().invoke(app, ["--config", str(cfg_path), "optim.nope=1"])
+    assert bad.exit_code != 0 and "optim.nope" in str(bad.exception)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["shapes-clip", "shapes-softclip"])
+def test_shapes_configs_train_with_falling_loss(data_root, tmp_path, name):
+    summary = train(_cfg(data_root, tmp_path / name, name, "data.batch_size=32", "optim.epochs=4",
+                         "log.every_n_steps=5"))
+    assert summary.last_loss < summary.first_loss - 0.5
