@@ -62,6 +62,14 @@ def _check(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor, text_t
             raise ValueError(f"{name} embeddings contain NaN or inf; check the model and its precision")
 
 
+def _prepare(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor,
+             text_to_image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check(image_embeddings, text_embeddings, text_to_image)
+    images = F.normalize(image_embeddings.float(), dim=-1)
+    texts = F.normalize(text_embeddings.float(), dim=-1)
+    return images, texts, text_to_image.long().to(images.device)
+
+
 def image_to_text_ranks(
     image_embeddings: torch.Tensor, text_embeddings: torch.Tensor, text_to_image: torch.Tensor,
     *, chunk_size: int = 1024,
@@ -75,10 +83,7 @@ def image_to_text_ranks(
     Returns:
         ``LongTensor[I]``; 0 means one of its captions is a clean first.
     """
-    _check(image_embeddings, text_embeddings, text_to_image)
-    images = F.normalize(image_embeddings.float(), dim=-1)
-    texts = F.normalize(text_embeddings.float(), dim=-1)
-    owner = text_to_image.long().to(images.device)
+    images, texts, owner = _prepare(image_embeddings, text_embeddings, text_to_image)
     ranks = []
     for start in range(0, images.shape[0], chunk_size):
         scores = images[start : start + chunk_size] @ texts.T  # [b, T]
@@ -97,10 +102,7 @@ def text_to_image_ranks(
 
     Args: as :func:`image_to_text_ranks`. Returns ``LongTensor[T]``.
     """
-    _check(image_embeddings, text_embeddings, text_to_image)
-    images = F.normalize(image_embeddings.float(), dim=-1)
-    texts = F.normalize(text_embeddings.float(), dim=-1)
-    owner = text_to_image.long().to(images.device)
+    images, texts, owner = _prepare(image_embeddings, text_embeddings, text_to_image)
     ranks = []
     for start in range(0, texts.shape[0], chunk_size):
         scores = texts[start : start + chunk_size] @ images.T  # [b, I]
