@@ -1,0 +1,69 @@
+"""The extraction job through Ray on CPU: a full run on the shapes world, resume, refusal, bad input."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import ray
+from test_extract_job_actor import BAD_SHARD_EXPECTED, tiny_config, write_bad_source
+
+from extract.job import run_extraction
+from extract.manifest import Manifest, ManifestMismatchError
+from pipeline.shards import read_feature_frame, read_feature_table
+from pipeline.sources import open_source
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _source_keys(spec) -> list[str]:
+    source = open_source(spec)
+    return [s.key for shard in source.shards for s in source.iter_shard(shard)]
+
+
+def test_full_extraction_every_key_once_then_resume_and_refuse(tmp_path, shapes_world):
+    cfg = tiny_config(tmp_path, shapes_world / "train", max_boxes=20, actors=1)
+    summary = run_extraction(cfg)
+    keys = _source_keys(shapes_world / "train")
+    frames = [read_feature_frame(cfg.out / f"{s.name}.parquet") for s in open_source(cfg.dataset).shards]
+    found = [k for f in frames for k in f["key"].to_list()]
+    assert sorted(found) == sorted(keys) and len(set(found)) == len(keys) == 120
+    manifest = Manifest.load(cfg.out)
+    detector_id = manifest.data["detector"]["detector_id"]
+    assert all(set(f["detector"].to_list()) == {detector_id} for f in frames)
+    assert all(f["num_boxes"].max() <= 20 and f["status"].unique().to_list() == ["success"] for f in frames)
+    assert summary.totals["images"] == 120 and summary.images_this_run == 120 and summary.shards_written == 3
+    assert summary.totals["bytes_per_image"] > 0 and "120 images, 120 ok" in summary.line()
+    # A rerun verifies and skips everything; a damaged shard is redone, alone.
+    assert run_extraction(cfg).images_this_run == 0
+    (cfg.out / "00001.parquet").write_bytes(b"damaged")
+    again = run_extraction(cfg)
+    assert again.images_this_run == 50 and again.shards_skipped == 2
+    assert read_feature_table(cfg.out / "00001.parquet").num_rows == 50
+    with pytest.raises(ManifestMismatchError, match="max_boxes"):
+        run_extraction(cfg.replace(max_boxes=10))
+
+
+def test_bad_inputs_become_error_rows_and_the_job_finishes(tmp_path):
+    source = write_bad_source(tmp_path / "source")
+    cfg = tiny_config(tmp_path, source, actors=1, batch_size=4)
+    summary = run_extraction(cfg)
+    manifest = Manifest.load(cfg.out)
+    assert manifest.shards["00002"]["status"] == "unreadable" and "cannot open" in manifest.shards["00002"]["error"]
+    frame = read_feature_frame(cfg.out / "00000.parquet")
+    by_key = dict(zip(frame["key"].to_list(), zip(frame["status"].to_list(), frame["error"].to_list())))
+    got = [status if status == "success" else error.split(":")[0]
+           for status, error in (by_key[k] for k in sorted(by_key))]
+    assert got == BAD_SHARD_EXPECTED
+    truncated = read_feature_frame(cfg.out / "00001.parquet").sort("key")
+    assert truncated["status"].to_list() == ["success", "success", "error"]
+    assert read_feature_frame(cfg.out / "00003.parquet")["status"].to_list() == ["success"] * 4
+    errors = Counter(e for e in BAD_SHARD_EXPECTED if e != "success")
+    errors["read_error"] = 1
+    assert summary.totals["errors"] == dict(sorted(errors.items()))
+    assert summary.totals["shards_unreadable"] == 1 and summary.totals["images"] == 13 + 3 + 4

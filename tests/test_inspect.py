@@ -1,0 +1,38 @@
+"""``softclip inspect``: a feature directory summarised with polars."""
+
+from __future__ import annotations
+
+import pytest
+from test_extract_job_actor import BAD_SHARD_EXPECTED, extract_without_ray, tiny_config, write_bad_source
+from typer.testing import CliRunner
+
+from extract.inspect import inspect_features
+from extract.job_cli import register
+from pipeline.shards import read_feature_frame
+
+
+def test_inspect_counts_rows_errors_boxes_and_tags(tmp_path):
+    import typer
+
+    cfg = tiny_config(tmp_path, write_bad_source(tmp_path / "source"), max_boxes=6)
+    extract_without_ray(cfg, ["00000", "00001", "00002", "00003"])
+    report = inspect_features(cfg.out, top=3)
+    frames = [read_feature_frame(p) for p in sorted(cfg.out.glob("*.parquet"))]
+    assert report.rows == sum(f.height for f in frames) == 13 + 3 + 4
+    assert report.ok == BAD_SHARD_EXPECTED.count("success") + 2 + 4
+    assert report.errors["corrupt"] == 1 and report.errors["read_error"] == 1 and report.errors["too_large"] == 1
+    assert 0 < report.boxes_per_image["mean"] <= report.boxes_per_image["max"] <= 6
+    assert 1 <= len(report.top_classes) <= 3
+    assert [c for _, c in report.top_classes] == sorted((c for _, c in report.top_classes), reverse=True)
+    assert all(name.startswith("class") for name, _ in report.top_classes)
+    assert report.top_tags and report.top_attributes and report.bytes_per_image > 0
+    assert "00002" in report.unreadable_shards and len(report.detectors) == 1
+    app = typer.Typer()
+    register(app)
+    result = CliRunner().invoke(app, ["inspect", str(cfg.out), "--top", "3"])
+    assert result.exit_code == 0 and "20 rows" in result.output and "top tags:" in result.output
+
+
+def test_inspect_an_empty_folder_says_what_to_give(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no feature shards"):
+        inspect_features(tmp_path)
