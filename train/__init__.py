@@ -1,0 +1,1 @@
+__all__ = ["checkpoint", "cli", "config", "data", "loop", "losses", "metrics", "model"]

@@ -29,7 +29,7 @@ from train.losses import SoftCLIPLoss
 from train.metrics import MetricLogger
 from train.model import SoftCLIPModel, build_model
 
-__all__ = ["TrainSummary", "cosine_lr", "param_groups", "train"]
+__all__ = ["TrainSummary", "cosine_lr", "param_groups", "train", "train_step"]
 
 MAX_LOGIT_SCALE = math.log(100)  # CLIP clamps the temperature at 1/100
 
@@ -126,7 +126,7 @@ def _restore(path: Path, cfg: TrainConfig, model: SoftCLIPModel, optimizer, rank
     return {"step": ckpt["step"], "epoch": ckpt["epoch"], "positions": ckpt["data_position"][rank]}
 
 
-def _train_step(model, loss_fn: SoftCLIPLoss, optimizer, batch: dict, cfg: TrainConfig,
+def train_step(model, loss_fn: SoftCLIPLoss, optimizer, batch: dict, cfg: TrainConfig,
                 device: torch.device) -> dict[str, torch.Tensor]:
     """One optimizer step on ``batch``; returns the loss terms and the gradient norm as tensors."""
     inputs = {"images": batch["images"], "texts": batch["texts"]}
@@ -225,7 +225,7 @@ def _run_epoch(run: _Run) -> None:
                        total_steps=run.total_steps)
         for group in run.optimizer.param_groups:
             group["lr"] = lr
-        losses = _train_step(run.step_model, run.loss_fn, run.optimizer, batch, run.cfg, run.device)
+        losses = train_step(run.step_model, run.loss_fn, run.optimizer, batch, run.cfg, run.device)
         positions[batch["worker"]] = [batch["consumed"], batch["batches"]]
         errors[batch["worker"]] = batch["errors"]
         progress |= {"step": step + 1, "positions": positions}
