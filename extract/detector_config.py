@@ -132,8 +132,7 @@ class DetectorTrainConfig:
 
     steps: int = 600
     batch_size: int = 8
-    lr: float = 0.02
-    momentum: float = 0.9
+    lr: float = 2e-3  # AdamW, after linear warmup, cosine decay to 0
     weight_decay: float = 1e-4
     warmup_steps: int = 50
     rpn_batch_size_per_image: int = 64

@@ -109,8 +109,9 @@ class VinVLDetector(nn.Module):
             weights: flat state dict (``module.`` prefix optional, ``{"model": ...}`` accepted), read with
                 ``torch.load(..., weights_only=True)``.
             labelmap: VinVL label map JSON (1-based ``label_to_idx`` / ``attribute_to_idx``).
-            config: optional :class:`DetectorConfig` (or its YAML) for the name and test settings; its
-                ``arch`` must equal the checkpoint's.
+            config: optional :class:`DetectorConfig` (or its YAML) for the name, the test settings and
+                ``arch.pooler_resolution`` (14 without a config); the rest of its ``arch`` must equal the
+                checkpoint's.
             device: where the model runs.
             **overrides: test-time settings (:class:`DetectorSettings` fields), e.g. ``score_thresh=0.3``.
 
@@ -125,6 +126,7 @@ class VinVLDetector(nn.Module):
         if isinstance(config, (str, Path)):
             config = load_config(DetectorConfig, config)
         config = config or DetectorConfig(name="vinvl", arch=arch)
+        arch = replace(arch, pooler_resolution=config.arch.pooler_resolution)  # not visible in the weights
         if config.arch != arch:
             raise CheckpointError(f"{source}: architecture {arch} differs from the given config's {config.arch}")
         class_names, attribute_names = read_labelmap(labelmap)

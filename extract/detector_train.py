@@ -1,0 +1,234 @@
+"""Train a detector of the VinVL family on box-annotated img2dataset tars (the shapes world).
+
+Each sample in ``DIR/train/*.tar`` has ``<key>.jpg`` and ``<key>.json`` with ``objects``: ``{"box": [x1, y1,
+x2, y2], "shape", "colour", "size"}``. Classes are the shapes, attributes the colours and sizes. Losses are
+VinVL's (RPN, Fast R-CNN, soft-target attribute cross-entropy weighted 0.5 on positive proposals with the
+ground-truth class embedding). The output folder holds ``model.pth`` (flat ``module.``-prefixed state dict
+in VinVL's layout), ``labelmap.json`` (VinVL format) and ``detector.yaml``, so
+``VinVLDetector.from_checkpoint(out/"model.pth", out/"labelmap.json", config=out/"detector.yaml")`` loads it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tarfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch import Tensor
+from torchvision.ops import FrozenBatchNorm2d
+from tqdm import tqdm
+
+from extract.checkpoint import BACKGROUND, NO_ATTRIBUTE, write_checkpoint, write_labelmap
+from extract.detector_config import DetectorConfig
+from extract.legacy import encode_boxes
+from extract.losses import attribute_loss, fastrcnn_loss, rpn_loss, sample_proposals
+from extract.postprocess import rpn_proposals
+from extract.vinvl import BOX_REG_WEIGHTS, VinVLDetector
+from pipeline.config import save_config
+from pipeline.images import decode_image
+
+__all__ = ["AnnotatedImage", "load_annotated_tars", "shapes_vocabulary", "train_detector", "training_losses"]
+
+
+@dataclass(frozen=True, slots=True)
+class AnnotatedImage:
+    """An RGB image and its objects: ``boxes [G, 4]`` pixels, class ``labels [G]``, ``attributes [G, 2]``."""
+
+    image: Image.Image
+    boxes: np.ndarray
+    labels: np.ndarray
+    attributes: np.ndarray
+
+
+def shapes_vocabulary() -> tuple[list[str], list[str]]:
+    """Class names (background + ``pipeline.shapes.SHAPES``) and attribute names (none + colours + sizes)."""
+    from pipeline.shapes import COLOURS, SHAPES, SIZES
+
+    return [BACKGROUND, *SHAPES], [NO_ATTRIBUTE, *COLOURS, *SIZES]
+
+
+def annotate(image: Image.Image, objects: list[dict], class_names: list[str], attribute_names: list[str],
+             source: str) -> AnnotatedImage:
+    """Turn a shapes-world ``objects`` list into label arrays; unknown names are a ``ValueError``."""
+    cls_idx = {n: i for i, n in enumerate(class_names)}
+    attr_idx = {n: i for i, n in enumerate(attribute_names)}
+    try:
+        labels = [cls_idx[o["shape"]] for o in objects]
+        attributes = [[attr_idx[o["colour"]], attr_idx[o["size"]]] for o in objects]
+        boxes = [[float(v) for v in o["box"]] for o in objects]
+    except KeyError as err:
+        raise ValueError(f"{source}: object annotation has an unknown or missing field/name {err}") from err
+    return AnnotatedImage(image, np.asarray(boxes, np.float32).reshape(-1, 4), np.asarray(labels, np.int64),
+                          np.asarray(attributes, np.int64).reshape(-1, 2))
+
+
+def load_annotated_tars(data_dir: str | Path, class_names: list[str], attribute_names: list[str]
+                        ) -> list[AnnotatedImage]:
+    """Every annotated sample of ``data_dir/train/*.tar`` (decoded through ``decode_image``)."""
+    tars = sorted((Path(data_dir) / "train").glob("*.tar"))
+    if not tars:
+        raise FileNotFoundError(f"no training shards {Path(data_dir) / 'train'}/*.tar; generate them first "
+                                "(softclip shapes generate) or give the dataset folder with --data")
+    samples = []
+    for path in tars:
+        members: dict[str, dict[str, bytes]] = {}
+        with tarfile.open(path) as tar:
+            for info in tar:
+                if info.isfile() and "." in info.name:
+                    key, ext = info.name.split(".", 1)
+                    members.setdefault(key, {})[ext] = tar.extractfile(info).read()
+        for key, files in sorted(members.items()):
+            if "jpg" in files and "json" in files:
+                meta = json.loads(files["json"])
+                samples.append(annotate(decode_image(files["jpg"]), meta.get("objects", []), class_names,
+                                        attribute_names, f"{path}:{key}"))
+    return samples
+
+
+def _batch(model: VinVLDetector, samples: list[AnnotatedImage], flips: np.ndarray
+           ) -> tuple[Tensor, list[tuple[int, int]], list[dict[str, Tensor]]]:
+    images, targets = [], []
+    for sample, flip in zip(samples, flips):
+        image, boxes = sample.image, sample.boxes.copy()
+        if flip:
+            image = ImageOps.mirror(image)
+            boxes[:, [0, 2]] = image.width - boxes[:, [2, 0]]
+        images.append(image)
+        targets.append({"boxes": boxes, "labels": sample.labels, "attributes": sample.attributes,
+                        "size": image.size})
+    batch, sizes = model.preprocess(images)
+    out = []
+    for t, (h, w) in zip(targets, sizes):
+        scale = np.array([w / t["size"][0], h / t["size"][1]] * 2, np.float32)
+        out.append({"boxes": torch.from_numpy(t["boxes"] * scale), "labels": torch.from_numpy(t["labels"]),
+                    "attributes": torch.from_numpy(t["attributes"])})
+    return batch, sizes, out
+
+
+@torch.no_grad()
+def calibrate_frozen_bn(model: VinVLDetector, images: Tensor, sizes: list[tuple[int, int]],
+                        boxes: list[Tensor]) -> None:
+    """Data-dependent init of the (frozen, eps 0) norm layers: each one's statistics are set, in forward
+    order, to the mean and variance of its input on one batch, so every layer starts standardised."""
+
+    def set_stats(module: FrozenBatchNorm2d, args: tuple[Tensor]) -> None:
+        x = args[0]
+        module.running_mean.copy_(x.mean(dim=(0, 2, 3)))
+        module.running_var.copy_(x.var(dim=(0, 2, 3)) + 1e-5)
+
+    hooks = [m.register_forward_pre_hook(set_stats) for m in model.modules() if isinstance(m, FrozenBatchNorm2d)]
+    try:
+        features = model.backbone.body(images, sizes)
+        model.roi_heads.box.feature_extractor(features, boxes, sizes)
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def training_losses(model: VinVLDetector, images: Tensor, sizes: list[tuple[int, int]],
+                    targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """``loss_objectness``, ``loss_rpn_box_reg``, ``loss_classifier``, ``loss_box_reg``, ``loss_attribute``
+    (already weighted by ``attribute_loss_weight``) for one batch; ``targets`` boxes in resized pixels."""
+    t = model.config.train
+    gt_boxes = [x["boxes"] for x in targets]
+    features = model.backbone.body(images, sizes)
+    objectness, deltas, anchors = model.rpn(features, sizes)
+    loss_objectness, loss_rpn_box_reg = rpn_loss(
+        objectness, deltas, anchors, gt_boxes, fg_iou_thresh=t.rpn_fg_iou_thresh, bg_iou_thresh=t.rpn_bg_iou_thresh,
+        batch_size_per_image=t.rpn_batch_size_per_image, positive_fraction=t.rpn_positive_fraction)
+    with torch.no_grad():
+        proposals = rpn_proposals([o.detach() for o in objectness], [d.detach() for d in deltas], anchors, sizes,
+                                  pre_nms_top_n=t.rpn_pre_nms_top_n, post_nms_top_n=t.rpn_post_nms_top_n,
+                                  nms_thresh=model.settings.rpn_nms_thresh)
+    boxes, labels, matched = sample_proposals(
+        proposals, gt_boxes, [x["labels"] for x in targets], fg_iou_thresh=t.roi_fg_iou_thresh,
+        batch_size_per_image=t.roi_batch_size_per_image, positive_fraction=t.roi_positive_fraction)
+    box_features = model.roi_heads.box.feature_extractor(features, boxes, sizes)
+    predictor = model.roi_heads.box.predictor
+    regression_targets = torch.cat([
+        encode_boxes(g[m], b, BOX_REG_WEIGHTS) if len(g) else torch.zeros_like(b)
+        for g, m, b in zip(gt_boxes, matched, boxes)
+    ])
+    labels_all = torch.cat(labels)
+    loss_classifier, loss_box_reg = fastrcnn_loss(predictor.cls_score(box_features), predictor.bbox_pred(box_features),
+                                                  labels_all, regression_targets)
+    attributes = torch.cat([x["attributes"][m] if len(x["labels"]) else torch.zeros(len(m), 2, dtype=torch.long)
+                            for x, m in zip(targets, matched)])
+    pos = labels_all > 0
+    attr_logits = model.attribute.predictor(box_features[pos], labels_all[pos])
+    return {"loss_objectness": loss_objectness, "loss_rpn_box_reg": loss_rpn_box_reg,
+            "loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg,
+            "loss_attribute": t.attribute_loss_weight * attribute_loss(attr_logits, attributes[pos])}
+
+
+def _lr_at(step: int, cfg: DetectorConfig) -> float:
+    """Linear warmup then cosine decay to 0 (``lr`` at the end of warmup)."""
+    t = cfg.train
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
+    return 0.5 * t.lr * (1 + math.cos(math.pi * progress))
+
+
+def train_detector(cfg: DetectorConfig, data_dir: str | Path, out_dir: str | Path, *,
+                   progress: bool = True) -> dict:
+    """Train on ``data_dir/train/*.tar`` and write ``model.pth``, ``labelmap.json``, ``detector.yaml``.
+
+    Returns a summary dict: steps, images seen, final losses, seconds, output paths.
+    """
+    threads = torch.get_num_threads()
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    try:
+        return _train(cfg, data_dir, out_dir, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(cfg: DetectorConfig, data_dir: str | Path, out_dir: str | Path, progress: bool) -> dict:
+    t = cfg.train
+    torch.manual_seed(t.seed)
+    rng = np.random.default_rng(t.seed)
+    class_names, attribute_names = shapes_vocabulary()
+    if (len(class_names), len(attribute_names)) != (cfg.arch.num_classes, cfg.arch.num_attributes):
+        raise ValueError(f"config {cfg.name}: arch.num_classes/num_attributes must be {len(class_names)}/"
+                         f"{len(attribute_names)} for the shapes world (index 0 included)")
+    samples = load_annotated_tars(data_dir, class_names, attribute_names)
+    model = VinVLDetector(cfg, class_names=class_names, attribute_names=attribute_names).train()
+    start = time.perf_counter()
+    first = [samples[i] for i in rng.choice(len(samples), min(len(samples), 4 * t.batch_size), replace=False)]
+    images, sizes, targets = _batch(model, first, np.zeros(len(first), bool))
+    calibrate_frozen_bn(model, images, sizes, [x["boxes"] for x in targets])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.lr,
+                                  weight_decay=t.weight_decay)
+    bar = tqdm(range(t.steps), desc="detector", unit="step", disable=not progress)
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step, cfg)
+        chosen = [samples[i] for i in rng.integers(0, len(samples), t.batch_size)]
+        flips = rng.random(t.batch_size) < 0.5 if t.hflip else np.zeros(t.batch_size, bool)
+        losses = training_losses(model, *_batch(model, chosen, flips))
+        total = sum(losses.values())
+        if not torch.isfinite(total):
+            raise FloatingPointError(f"non-finite detector loss at step {step}: "
+                                     f"{ {k: float(v) for k, v in losses.items()} }; lower train.lr")
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+        bar.set_postfix(loss=f"{total.item():.3f}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    write_checkpoint(out / "model.pth", model.state_dict())
+    write_labelmap(out / "labelmap.json", class_names, attribute_names)
+    save_config(cfg, out / "detector.yaml")
+    return {"steps": t.steps, "images_seen": t.steps * t.batch_size, "num_train_images": len(samples),
+            "final_losses": {k: round(v.item(), 4) for k, v in losses.items()},
+            "seconds": round(time.perf_counter() - start, 1), "weights": str(out / "model.pth"),
+            "labelmap": str(out / "labelmap.json"), "config": str(out / "detector.yaml")}
