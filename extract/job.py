@@ -59,6 +59,8 @@ class ExtractSummary:
     images_this_run: int
     seconds: float
     detector_seconds: float  # summed over actors
+    startup_seconds: float  # from the start of the run to the first detector results (actors loading)
+    first_batch_images: int  # images in that first result batch
     actors: int
     totals: dict[str, Any]
 
@@ -147,9 +149,11 @@ def _dataset(cfg: ExtractConfig, spec: str, shards: list[str], actors: int, gpus
                          batch_format="numpy"))
 
 
-def _run_pending(cfg: ExtractConfig, spec: str, pending: list[str], manifest: Manifest) -> tuple[int, float, int]:
-    """Extract the ``pending`` shards; returns (images, detector seconds, actors)."""
+def _run_pending(cfg: ExtractConfig, spec: str, pending: list[str], manifest: Manifest,
+                 start: float) -> dict[str, Any]:
+    """Extract the ``pending`` shards; returns this run's counts and timings."""
     cfg, actors, gpus = _actor_plan(cfg)
+    first: tuple[float, int] | None = None
     assembler = ShardAssembler(cfg.out, manifest, row_group_size=cfg.row_group_size)
     images, detector_seconds, written = 0, 0.0, 0
     with tqdm(unit="img", desc="extract", disable=not cfg.progress, dynamic_ncols=True) as bar:
@@ -158,6 +162,7 @@ def _run_pending(cfg: ExtractConfig, spec: str, pending: list[str], manifest: Ma
                                                                                  batch_format="numpy"):
                 added, done = assembler.add(batch)
                 images += added
+                first = first or (time.perf_counter() - start, added)
                 detector_seconds += float(batch["detect_seconds"].sum())
                 bar.update(added)
                 if done:
@@ -167,7 +172,9 @@ def _run_pending(cfg: ExtractConfig, spec: str, pending: list[str], manifest: Ma
             assembler.abort()
             raise
     assembler.close()
-    return images, detector_seconds, actors
+    first = first or (time.perf_counter() - start, 0)
+    return {"images_this_run": images, "detector_seconds": detector_seconds, "actors": actors,
+            "startup_seconds": first[0], "first_batch_images": first[1]}
 
 
 def run_extraction(cfg: ExtractConfig) -> ExtractSummary:
@@ -190,12 +197,14 @@ def run_extraction(cfg: ExtractConfig) -> ExtractSummary:
         manifest.shards.pop(name, None)
     save_config(cfg, cfg.out / "extract.yaml")
     manifest.save()
-    images, detector_seconds, actors, started_ray = 0, 0.0, 0, False
+    run = {"images_this_run": 0, "detector_seconds": 0.0, "actors": 0, "startup_seconds": 0.0,
+           "first_batch_images": 0}
+    started_ray = False
     try:
         if pending or cfg.pack:
             started_ray = _init_ray(cfg)
         if pending:
-            images, detector_seconds, actors = _run_pending(cfg, spec, pending, manifest)
+            run = _run_pending(cfg, spec, pending, manifest, start)
         if cfg.pack:
             from extract.pack import pack_directory
 
@@ -206,9 +215,8 @@ def run_extraction(cfg: ExtractConfig) -> ExtractSummary:
 
             ray.shutdown()
     seconds = time.perf_counter() - start
-    manifest.add_run({"started": time.time() - seconds, "seconds": round(seconds, 3), "images": images,
-                      "shards": len(pending), "actors": actors, "detector_seconds": round(detector_seconds, 3)})
+    manifest.add_run({"started": time.time() - seconds, "seconds": round(seconds, 3), "shards": len(pending),
+                      **{k: round(v, 3) if isinstance(v, float) else v for k, v in run.items()}})
     return ExtractSummary(out=str(cfg.out), shards_total=len(names), shards_skipped=len(names) - len(pending),
-                          shards_written=sum(manifest.verified(n, "size") for n in pending),
-                          images_this_run=images, seconds=seconds, detector_seconds=detector_seconds,
-                          actors=actors, totals=manifest.data["totals"])
+                          shards_written=sum(manifest.verified(n, "size") for n in pending), seconds=seconds,
+                          totals=manifest.data["totals"], **run)

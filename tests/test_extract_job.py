@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import ray
@@ -10,15 +13,46 @@ from test_extract_job_actor import BAD_SHARD_EXPECTED, tiny_config, write_bad_so
 
 from extract.job import run_extraction
 from extract.manifest import Manifest, ManifestMismatchError
+from extract.vinvl import VinVLDetector
 from pipeline.shards import read_feature_frame, read_feature_table
 from pipeline.sources import open_source
 
 
+TESTS = Path(__file__).resolve().parent
+
+
 @pytest.fixture(scope="module", autouse=True)
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # tests/ on the workers' path: the crash test's loader lives in this module.
+    path = os.pathsep.join([str(TESTS.parent), str(TESTS), os.environ.get("PYTHONPATH", "")])
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": path}})
     yield
     ray.shutdown()
+
+
+class _KilledOnce:
+    """A VinVL detector whose actor process SIGKILLs itself at its third batch, once per marker file."""
+
+    def __init__(self, detector: VinVLDetector, marker: Path):
+        self.detector, self.marker, self.calls = detector, marker, 0
+        self.detector_id, self.feature_dim = detector.detector_id, detector.feature_dim
+
+    def to(self, device: str) -> _KilledOnce:
+        self.detector.to(device)
+        return self
+
+    def detect(self, images):
+        self.calls += 1
+        if self.calls == 3 and not self.marker.exists():
+            self.marker.touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return self.detector.detect(images)
+
+
+def killed_once_vinvl(weights, labelmap, *, crash_marker: str, **overrides) -> _KilledOnce:
+    """Loader (``test_extract_job:killed_once_vinvl``) for the worker-crash test."""
+    return _KilledOnce(VinVLDetector.from_checkpoint(weights, labelmap, **overrides), Path(crash_marker))
 
 
 def _source_keys(spec) -> list[str]:
@@ -67,3 +101,15 @@ def test_bad_inputs_become_error_rows_and_the_job_finishes(tmp_path):
     errors["read_error"] = 1
     assert summary.totals["errors"] == dict(sorted(errors.items()))
     assert summary.totals["shards_unreadable"] == 1 and summary.totals["images"] == 13 + 3 + 4
+
+
+def test_a_detector_worker_killed_mid_run_loses_and_duplicates_nothing(tmp_path, shapes_world):
+    marker = tmp_path / "killed"
+    base = tiny_config(tmp_path, shapes_world / "train")
+    cfg = base.replace(loader="test_extract_job:killed_once_vinvl", batch_size=4,
+                       detector_overrides={**base.detector_overrides, "crash_marker": str(marker)})
+    summary = run_extraction(cfg)
+    assert marker.exists()  # the actor process really died (and Ray restarted it, retrying its batches)
+    keys = [k for s in open_source(cfg.dataset).shards
+            for k in read_feature_frame(cfg.out / f"{s.name}.parquet")["key"].to_list()]
+    assert sorted(keys) == sorted(_source_keys(shapes_world / "train")) and summary.totals["ok"] == 120
