@@ -17,7 +17,6 @@ from extract.vinvl import VinVLDetector
 from pipeline.shards import read_feature_frame, read_feature_table
 from pipeline.sources import open_source
 
-
 TESTS = Path(__file__).resolve().parent
 
 
