@@ -30,6 +30,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import tarfile_samples
 
 from pipeline.images import ImageDecodeError, decode_image
 from pipeline.shards import ragged_column, read_feature_table, sample_to_record
@@ -204,8 +205,6 @@ class TrainData:
                         else self._read_parquet(shard, errors))
 
     def _read_tar(self, path: Path, errors: collections.Counter) -> Iterator[_Raw]:
-        from webdataset.tariterators import tarfile_samples  # noqa: PLC0415 (optional heavy import)
-
         def handler(exn: Exception) -> bool:
             errors["bad_member"] += 1
             return True
@@ -213,8 +212,7 @@ class TrainData:
         for sample in tarfile_samples([{"url": str(path)}], handler=handler):
             try:
                 record = sample_to_record(sample, str(path))
-            except (KeyError, ValueError, TypeError, OSError) as err:  # bad json, npy or schema version
-                del err
+            except (KeyError, ValueError, TypeError, OSError, EOFError):  # bad json, npy or schema version
                 errors["bad_sample"] += 1
                 continue
             yield _Raw(key=record.key, status=record.status, caption=record.caption or "", tags=record.tags,
