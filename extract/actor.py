@@ -32,7 +32,7 @@ _ARRAY_FIELDS = ("boxes", "geometry", "roi_features", "labels", "scores")
 _NAME_FIELDS = ("class_names", "attr_labels", "attr_names", "attr_scores")
 _ROW_FIELDS = ("key", "shard", "index", "shard_total", "shard_error")
 FEATURE_COLUMNS = (*_ROW_FIELDS, "width", "height", "status", "error", "caption", "tags", "detector",
-                   "feature_dim", "detect_seconds", *_ARRAY_FIELDS, "names")
+                   "feature_dim", "detect_seconds", "actor_seconds", *_ARRAY_FIELDS, "names")
 
 
 def resolve_loader(spec: str) -> Callable[..., Any]:
@@ -96,12 +96,13 @@ def detection_to_record(det: dict[str, Any], *, key: str, shard: str, width: int
 
 
 def records_to_batch(records: list[FeatureRecord], rows: dict[str, np.ndarray], feature_dim: int,
-                     detect_seconds: float = 0.0) -> dict[str, np.ndarray]:
-    """Columns of ``records`` plus the routing columns (:data:`_ROW_FIELDS`) copied from ``rows``;
-    ``detect_seconds`` (the batch's time inside the detector) is spread evenly over the rows."""
+                     timings: dict[str, float] | None = None) -> dict[str, np.ndarray]:
+    """Columns of ``records`` plus the routing columns (:data:`_ROW_FIELDS`) copied from ``rows``; the
+    batch's ``detect_seconds`` and ``actor_seconds`` are spread evenly over its rows."""
     out: dict[str, np.ndarray] = {name: np.asarray(rows[name]) for name in _ROW_FIELDS}
     out["feature_dim"] = np.full(len(records), feature_dim, np.int32)
-    out["detect_seconds"] = np.full(len(records), detect_seconds / max(len(records), 1), np.float64)
+    for name in ("detect_seconds", "actor_seconds"):
+        out[name] = np.full(len(records), (timings or {}).get(name, 0.0) / max(len(records), 1), np.float64)
     for name in ("width", "height"):
         out[name] = np.array([getattr(r, name) for r in records], np.int32)
     for name in ("status", "error", "caption", "tags", "detector"):
@@ -132,7 +133,7 @@ def batch_to_records(batch: dict[str, np.ndarray], feature_dim: int) -> list[Fea
 def _actor_device(cfg: ExtractConfig) -> str:
     """The actor's torch device: Ray shows an actor only the GPUs it reserved (none on a CPU pool)."""
     if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was asked for but this actor sees no GPU; use device=auto or cpu")
+        raise ValueError("device=cuda was asked for but this actor sees no GPU; use device=auto or device=cpu")
     return "cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu"
 
 
@@ -155,6 +156,7 @@ class DetectorActor:
             self.detector.to(self.device)
         self.detector_id = str(self.detector.detector_id)
         self.feature_dim = int(self.detector.feature_dim)
+        self._last_call_end = time.perf_counter()  # actor time is counted from here (model loaded)
 
     def _error(self, rows: dict[str, np.ndarray], i: int, error: str) -> FeatureRecord:
         return error_record(str(rows["key"][i]), str(rows["shard"][i]), error, feature_dim=self.feature_dim,
@@ -179,4 +181,7 @@ class DetectorActor:
                     det, key=str(rows["key"][i]), shard=str(rows["shard"][i]), width=image.width,
                     height=image.height, caption=str(rows["caption"][i]), max_boxes=self.cfg.max_boxes,
                     detector_id=self.detector_id)
-        return records_to_batch(records, rows, self.feature_dim, seconds)
+        end = time.perf_counter()
+        timings = {"detect_seconds": seconds, "actor_seconds": end - self._last_call_end}
+        self._last_call_end = end
+        return records_to_batch(records, rows, self.feature_dim, timings)

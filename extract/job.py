@@ -58,9 +58,9 @@ class ExtractSummary:
     shards_written: int
     images_this_run: int
     seconds: float
-    detector_seconds: float  # summed over actors
-    startup_seconds: float  # from the start of the run to the first detector results (actors loading)
-    first_batch_images: int  # images in that first result batch
+    detector_seconds: float  # time inside detector.detect, summed over actors
+    actor_seconds: float  # actors' time from model loaded to their last batch done, summed over actors
+    startup_seconds: float  # from the start of the run to the first detector results
     actors: int
     totals: dict[str, Any]
 
@@ -153,17 +153,18 @@ def _run_pending(cfg: ExtractConfig, spec: str, pending: list[str], manifest: Ma
                  start: float) -> dict[str, Any]:
     """Extract the ``pending`` shards; returns this run's counts and timings."""
     cfg, actors, gpus = _actor_plan(cfg)
-    first: tuple[float, int] | None = None
+    first: float | None = None
     assembler = ShardAssembler(cfg.out, manifest, row_group_size=cfg.row_group_size)
-    images, detector_seconds, written = 0, 0.0, 0
+    images, detector_seconds, actor_seconds, written = 0, 0.0, 0.0, 0
     with tqdm(unit="img", desc="extract", disable=not cfg.progress, dynamic_ncols=True) as bar:
         try:
             for batch in _dataset(cfg, spec, pending, actors, gpus).iter_batches(batch_size=None,
                                                                                  batch_format="numpy"):
                 added, done = assembler.add(batch)
                 images += added
-                first = first or (time.perf_counter() - start, added)
+                first = first or time.perf_counter() - start
                 detector_seconds += float(batch["detect_seconds"].sum())
+                actor_seconds += float(batch["actor_seconds"].sum())
                 bar.update(added)
                 if done:
                     written += len(done)
@@ -172,9 +173,8 @@ def _run_pending(cfg: ExtractConfig, spec: str, pending: list[str], manifest: Ma
             assembler.abort()
             raise
     assembler.close()
-    first = first or (time.perf_counter() - start, 0)
-    return {"images_this_run": images, "detector_seconds": detector_seconds, "actors": actors,
-            "startup_seconds": first[0], "first_batch_images": first[1]}
+    return {"images_this_run": images, "detector_seconds": detector_seconds, "actor_seconds": actor_seconds,
+            "actors": actors, "startup_seconds": first or time.perf_counter() - start}
 
 
 def run_extraction(cfg: ExtractConfig) -> ExtractSummary:
@@ -197,8 +197,8 @@ def run_extraction(cfg: ExtractConfig) -> ExtractSummary:
         manifest.shards.pop(name, None)
     save_config(cfg, cfg.out / "extract.yaml")
     manifest.save()
-    run = {"images_this_run": 0, "detector_seconds": 0.0, "actors": 0, "startup_seconds": 0.0,
-           "first_batch_images": 0}
+    run = {"images_this_run": 0, "detector_seconds": 0.0, "actor_seconds": 0.0, "actors": 0,
+           "startup_seconds": 0.0}
     started_ray = False
     try:
         if pending or cfg.pack:
