@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from train.config import ModelConfig
-from train.model import ROIEncoder, build_model, load_checkpoint_model, register_model_configs
+from train.model import (
+    ROIEncoder,
+    build_model,
+    encode_text_trimmed,
+    load_checkpoint_model,
+    register_model_configs,
+)
 
 TINY = ModelConfig(name="shapes-tiny", roi_feature_dim=72, roi_width=32, roi_heads=4)
 
@@ -70,3 +76,13 @@ def test_checkpoint_loads_through_open_clip(tiny, tmp_path):
     assert torch.equal(loaded_tokenizer(["a star"]), tokenizer(["a star"]))
     with pytest.raises(FileNotFoundError):
         load_checkpoint_model(tmp_path / "missing.pt")
+
+
+def test_trimmed_text_encoding_is_exact(tiny):
+    model, _, _, tokenizer = tiny
+    model.eval()
+    texts = tokenizer(["a red circle", "a big blue star to the left of a small green square", ""])
+    trimmed = encode_text_trimmed(model.clip, texts)
+    torch.testing.assert_close(trimmed, model.clip.encode_text(texts, normalize=True), rtol=1e-5, atol=1e-6)
+    full = torch.full_like(texts, 400)  # no padding at all: nothing to trim
+    torch.testing.assert_close(encode_text_trimmed(model.clip, full), model.clip.encode_text(full, normalize=True))

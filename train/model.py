@@ -15,6 +15,7 @@ from pathlib import Path
 import open_clip
 import torch
 import torch.nn.functional as F
+from open_clip.transformer import text_global_pool
 from torch import nn
 
 from train.config import ModelConfig
@@ -24,6 +25,7 @@ __all__ = [
     "ROIEncoder",
     "SoftCLIPModel",
     "build_model",
+    "encode_text_trimmed",
     "load_checkpoint_model",
     "register_model_configs",
 ]
@@ -94,12 +96,33 @@ class ROIEncoder(nn.Module):
         return self.output_proj(self.output_norm(pooled))
 
 
+def encode_text_trimmed(clip: nn.Module, text: torch.Tensor) -> torch.Tensor:
+    """open_clip's ``CLIP.encode_text(text, normalize=True)`` run only over the columns up to the last
+    non-padding token of the batch. Exact: the text tower is causal and pools at the end-of-text token, so
+    trailing padding never influences the result. Other text towers (or pooling at the last position) fall
+    back to ``encode_text`` unchanged. ``text``: ``[B, L]`` token ids, padding 0."""
+    used = (text != 0).any(dim=0).nonzero()
+    length = int(used.max()) + 1 if len(used) else text.shape[1]
+    trimmable = (isinstance(clip, open_clip.CLIP) and clip.attn_mask is not None
+                 and clip.text_pool_type in ("argmax", "eos", "first"))
+    if not trimmable or length >= text.shape[1]:
+        return clip.encode_text(text, normalize=True)
+    text = text[:, :length]
+    cast_dtype = clip.transformer.get_cast_dtype()
+    x = clip.token_embedding(text).to(cast_dtype) + clip.positional_embedding[:length].to(cast_dtype)
+    x = clip.ln_final(clip.transformer(x, attn_mask=clip.attn_mask[:length, :length]))
+    x = text_global_pool(x, text, clip.text_pool_type, eos_token_id=getattr(clip, "text_eos_id", None))
+    if clip.text_projection is not None:
+        x = clip.text_projection(x) if isinstance(clip.text_projection, nn.Linear) else x @ clip.text_projection
+    return F.normalize(x, dim=-1)
+
+
 class SoftCLIPModel(nn.Module):
     """An open_clip ``CLIP`` (attribute ``clip``) plus a :class:`ROIEncoder` (attribute ``roi``).
 
     ``forward`` returns a dict of L2-normalised embeddings ``image``, ``text`` ``[B, E]`` and, when asked,
     ``roi`` and ``tag`` ``[B, E]``, plus ``logit_scale`` (exponentiated, as open_clip's ``CLIP.forward``).
-    Captions and tags go through the text tower in one pass.
+    Captions and tags go through the text tower in one pass (:func:`encode_text_trimmed`).
     """
 
     def __init__(self, clip: nn.Module, roi: ROIEncoder):
@@ -115,10 +138,10 @@ class SoftCLIPModel(nn.Module):
         out = {"image": self.clip.encode_image(images, normalize=True),
                "logit_scale": self.clip.logit_scale.exp()}
         if tags is not None:
-            text = self.clip.encode_text(torch.cat([texts, tags]), normalize=True)
+            text = encode_text_trimmed(self.clip, torch.cat([texts, tags]))
             out["text"], out["tag"] = text[: texts.shape[0]], text[texts.shape[0]:]
         else:
-            out["text"] = self.clip.encode_text(texts, normalize=True)
+            out["text"] = encode_text_trimmed(self.clip, texts)
         if roi_features is not None:
             out["roi"] = F.normalize(self.roi(roi_features, roi_geometry, roi_mask), dim=-1)
         return out
