@@ -178,7 +178,9 @@ def _setup(cfg: TrainConfig, resume: str | None, rank: int, world_size: int, dev
     loss_fn = SoftCLIPLoss(beta=cfg.loss.beta, tau_s=cfg.loss.tau_s, lam=cfg.loss.lam, mu=cfg.loss.mu,
                            target_source=cfg.loss.target_source, detach_targets=cfg.loss.detach_targets,
                            world_size=world_size)
-    if not loss_fn.needs_roi:  # e.g. the CLIP baseline: no gradient ever reaches it, and DDP must not wait
+    if not loss_fn.needs_roi or loss_fn.detach_targets:
+        # No gradient ever reaches the ROI branch (CLIP baseline, detached targets): freeze it, so that DDP
+        # does not wait for its gradients and AdamW does not decay it.
         model.roi.requires_grad_(False)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
                                   betas=cfg.optim.betas, eps=cfg.optim.eps)
