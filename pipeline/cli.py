@@ -19,7 +19,9 @@ from pipeline.shapes import ShapesConfig, generate
 __all__ = ["STAGE_CLI_MODULES", "build_app", "main"]
 
 # Modules whose `register(app)` adds the stage commands, in the order --help lists them.
-STAGE_CLI_MODULES: tuple[str, ...] = ("workflows.cli",)
+STAGE_CLI_MODULES: tuple[str, ...] = (
+    "extract.job_cli", "extract.cli", "train.cli", "eval.cli", "workflows.cli",
+)
 
 
 def shapes(

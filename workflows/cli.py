@@ -1,14 +1,97 @@
-"""``softclip datasets`` (and, with the workflow runner, ``run`` and ``cache``)."""
+"""``softclip run``, ``softclip cache ls|gc`` and ``softclip datasets``."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import time
+from pathlib import Path
 
 import typer
 
+from workflows.cache import ArtifactCache
 from workflows.datasets import data_root, list_datasets, load_dataset_spec
 
 __all__ = ["register"]
+
+cache_app = typer.Typer(help="Inspect and clean the artifact cache ($SOFTCLIP_CACHE, default ./cache).",
+                        no_args_is_help=True)
+
+
+def run(
+    workflow: Path = typer.Argument(..., help="A workflow YAML file (see workflows/configs/)."),
+    force: list[str] = typer.Option([], help="Recompute this stage and every later one (repeatable)."),
+    until: str = typer.Option("eval", help="Last stage to run: dataset, detector, extract, train or eval."),
+    nproc: int = typer.Option(int(os.environ.get("NGPUS", "1")), help="Training processes per node (torchrun)."),
+    train_config: list[Path] = typer.Option([], help="Train these configs instead of the workflow's."),
+    cache_dir: Path | None = typer.Option(None, help="Artifact cache folder."),
+) -> None:
+    """Run a workflow: extract -> train -> eval, reusing every cached artifact."""
+    from workflows.config import TrainStep
+    from workflows.runner import WorkflowRunner, load_workflow
+
+    config = load_workflow(workflow)
+    if train_config:
+        steps = tuple(TrainStep(name=p.stem, config=str(p)) for p in train_config)
+        config = dataclasses.replace(config, train=steps)
+    runner = WorkflowRunner(config, cache=ArtifactCache(cache_dir), force=tuple(force), until=until,
+                            nproc=nproc, log=typer.echo)
+    result = runner.run()
+    if result.report is not None:
+        typer.echo("\n" + (result.report / "results.md").read_text())
+        typer.echo(f"chart: {result.report / 'results.png'}")
+    typer.echo(result.summary())
+
+
+def _human(size: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if size < 1024 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+@cache_app.command("ls")
+def cache_ls(cache_dir: Path | None = typer.Option(None, help="Artifact cache folder."),
+             as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """What is cached: kind, key, state, size and what made it."""
+    cache = ArtifactCache(cache_dir)
+    rows = []
+    for artifact in cache.list():
+        record = artifact.record()
+        rows.append({"kind": artifact.kind, "key": artifact.key, "complete": artifact.complete,
+                     "bytes": artifact.size_bytes(), "seconds": record.get("seconds"),
+                     "made_by": record.get("made_by", "(incomplete)"), "created": record.get("created", ""),
+                     "path": str(artifact.path)})
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        state = "complete" if row["complete"] else "partial"
+        typer.echo(f"{row['kind']:<9} {row['key']} {state:<8} {_human(row['bytes']):>9}  {row['made_by']}  "
+                   f"{row['created']}")
+    total = sum(r["bytes"] for r in rows)
+    typer.echo(f"{len(rows)} artifacts, {_human(total)} in {cache.root}")
+
+
+@cache_app.command("gc")
+def cache_gc(keep: list[Path] = typer.Argument(None, help="Workflow files whose artifacts are kept; "
+                                                          "without any, only incomplete artifacts go."),
+             cache_dir: Path | None = typer.Option(None, help="Artifact cache folder.")) -> None:
+    """Delete incomplete artifacts, and those no given workflow uses."""
+    from workflows.runner import WorkflowRunner, load_workflow
+
+    cache = ArtifactCache(cache_dir)
+    keep_keys = None
+    if keep:
+        keep_keys = {r.key for path in keep
+                     for r in WorkflowRunner(load_workflow(path), cache=cache, log=lambda _: None).plan()}
+    start = time.perf_counter()
+    removed = cache.gc(keep_keys)
+    for artifact in removed:
+        typer.echo(f"removed {artifact.kind} {artifact.key}")
+    typer.echo(f"cache gc: removed {len(removed)} artifacts in {time.perf_counter() - start:.1f}s")
 
 
 def datasets(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
@@ -28,4 +111,6 @@ def datasets(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) 
 
 def register(app: typer.Typer) -> None:
     """Add the workflow commands to the root ``softclip`` app."""
+    app.command("run")(run)
+    app.add_typer(cache_app, name="cache")
     app.command("datasets")(datasets)

@@ -1,0 +1,172 @@
+"""The workflow runner: a small shapes workflow end to end, cached, re-keyed and resumed after a kill."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import ConfigError, load_config
+from workflows.cache import ArtifactCache, artifact_key
+from workflows.config import WorkflowConfig
+from workflows.runner import WorkflowRunner, load_workflow
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN_FAST = ["optim.max_steps=4", "optim.warmup_steps=1", "data.batch_size=16", "data.num_workers=0",
+              "log.every_n_steps=1", "log.checkpoint_every_n_steps=2", "log.tensorboard=false",
+              "log.progress=false"]
+
+
+def _workflow(tmp_path: Path, train_overrides: list[str] = ()) -> Path:
+    spec = {
+        "name": "tiny",
+        "dataset": {"shapes": {"num_train": 48, "num_retrieval": 8, "num_classification_per_class": 1,
+                               "samples_per_shard": 24, "seed": 1}},
+        "detector": {"train": "extract/configs/shapes.yaml", "overrides": ["train.steps=3"]},
+        "extract": {"config": "extract/configs/extract-shapes.yaml",
+                    "overrides": ["actors=1", "num_cpus=2", "progress=false"]},
+        "train": [{"name": "clip", "config": "train/configs/shapes-clip.yaml",
+                   "overrides": TRAIN_FAST + list(train_overrides)},
+                  {"name": "softclip", "config": "train/configs/shapes-softclip.yaml", "overrides": TRAIN_FAST}],
+        "eval": {"tasks": ["shapes"], "overrides": ["num_workers=0", "batch_size=32"]},
+    }
+    path = tmp_path / "workflow.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def _run(path: Path, cache: Path, **kwargs):
+    lines = []
+    result = WorkflowRunner(load_workflow(path), cache=ArtifactCache(cache), log=lines.append, **kwargs).run()
+    return result, lines
+
+
+def _markers(cache: Path) -> dict[str, float]:
+    return {str(p.relative_to(cache)): p.stat().st_mtime_ns for p in cache.rglob("artifact.json")}
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("workflow")
+    path, cache = _workflow(tmp), tmp / "cache"
+    result, _ = _run(path, cache)
+    return tmp, path, cache, result
+
+
+def test_first_run_computes_every_stage(first_run):
+    _, _, cache, result = first_run
+    assert [r.stage for r in result.records] == ["dataset", "detector", "extract", "train", "train", "eval"]
+    assert not any(r.cached for r in result.records)
+    report = result.report
+    assert (report / "results.md").is_file() and (report / "results.png").is_file()
+    assert "clip" in (report / "results.md").read_text() and "softclip" in (report / "results.md").read_text()
+
+
+def test_second_run_computes_nothing(first_run):
+    _, path, cache, _ = first_run
+    before = _markers(cache)
+    result, lines = _run(path, cache)
+    assert all(r.cached for r in result.records), lines
+    assert _markers(cache) == before
+
+
+def test_changing_a_training_setting_reruns_only_training_and_eval(first_run, tmp_path):
+    _, _, cache, first = first_run
+    path = _workflow(tmp_path, ["optim.lr=2.0e-3"])
+    result, _ = _run(path, cache)
+    ran = {(r.stage, r.name) for r in result.records if not r.cached}
+    assert ran == {("train", "clip"), ("eval", "report")}
+    keys = {(r.stage, r.name): r.key for r in first.records}
+    assert {(r.stage, r.name): r.key for r in result.records}[("train", "softclip")] == keys[("train", "softclip")]
+
+
+def test_execution_settings_do_not_change_keys(first_run, tmp_path):
+    _, path, cache, first = first_run
+    spec = yaml.safe_load(path.read_text())
+    spec["extract"]["overrides"] = ["actors=1", "num_cpus=2", "batch_size=4", "progress=false"]
+    spec["train"][1]["overrides"] = TRAIN_FAST + ["data.num_workers=1"]
+    other = tmp_path / "w.yaml"
+    other.write_text(yaml.safe_dump(spec))
+    planned = WorkflowRunner(load_workflow(other), cache=ArtifactCache(cache), log=lambda _: None).plan()
+    assert [r.key for r in planned] == [r.key for r in first.records]
+    assert all(r.cached for r in planned)
+
+
+def test_cache_ls_and_gc(first_run, tmp_path):
+    _, path, cache, _ = first_run
+    from typer.testing import CliRunner
+
+    from pipeline.cli import build_app
+
+    runner = CliRunner()
+    listing = runner.invoke(build_app(), ["cache", "ls", "--cache-dir", str(cache)])
+    assert listing.exit_code == 0 and "workflow tiny" in listing.output and "complete" in listing.output
+    stray = ArtifactCache(cache).artifact("train", "0" * 16)
+    stray.path.mkdir(parents=True)
+    result = runner.invoke(build_app(), ["cache", "gc", "--cache-dir", str(cache), str(path)])
+    assert result.exit_code == 0 and f"removed train {'0' * 16}" in result.output
+    assert not stray.path.exists() and all(a.complete for a in ArtifactCache(cache).list())
+
+
+def test_a_killed_run_resumes(first_run, tmp_path):
+    _, _, cache, _ = first_run
+    path = _workflow(tmp_path, ["optim.max_steps=0", "optim.epochs=10", "optim.lr=3.0e-3"])  # 30 steps
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "pipeline", "run", str(path), "--cache-dir", str(cache)]
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    checkpoints = []
+    while time.time() < deadline and process.poll() is None and not checkpoints:
+        checkpoints = [p for p in (cache / "train").glob("*/checkpoints/step_*.pt")
+                       if not (p.parents[1] / "artifact.json").exists()]
+        time.sleep(0.2)
+    assert checkpoints and process.poll() is None, "the run ended before a mid-training checkpoint appeared"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    result, lines = _run(path, cache)
+    resumed = [line for line in lines if line.startswith("[resume]")]
+    assert resumed and "train" in resumed[0]
+    assert all(a.complete for a in ArtifactCache(cache).list())
+    steps = [json.loads(line)["step"] for line in
+             (checkpoints[0].parents[1] / "metrics.jsonl").read_text().splitlines()]
+    assert set(steps) == set(range(1, 31))  # the resumed process went on to the end, no step skipped
+
+
+def test_workflow_file_errors_name_the_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\ndataset: {name: cc3m}\ndetector: {weights: a, labelmap: b}\ntrian: []\n")
+    with pytest.raises(ConfigError, match="trian"):
+        load_config(WorkflowConfig, bad)
+    bad.write_text("name: x\ndataset: {name: cc3m, path: /data}\ndetector: {weights: a, labelmap: b}\n")
+    with pytest.raises(ConfigError, match="exactly one"):
+        load_config(WorkflowConfig, bad)
+
+
+def test_missing_released_weights_say_where_they_are_expected(tmp_path, monkeypatch):
+    (tmp_path / "cc3m").mkdir()
+    monkeypatch.setenv("DATA_ROOT", str(tmp_path))
+    workflow = load_workflow(ROOT / "workflows/configs/cc3m.yaml")
+    with pytest.raises(FileNotFoundError, match="vinvl_vg_x152c4.pth"):
+        WorkflowRunner(workflow, cache=ArtifactCache(tmp_path / "cache"), log=lambda _: None).plan()
+
+
+def test_keys_depend_on_settings_and_inputs():
+    assert artifact_key("train", {"lr": 1}, {"extract": "a"}) == artifact_key("train", {"lr": 1}, {"extract": "a"})
+    assert artifact_key("train", {"lr": 1}, {"extract": "a"}) != artifact_key("train", {"lr": 2}, {"extract": "a"})
+    assert artifact_key("train", {"lr": 1}, {"extract": "a"}) != artifact_key("train", {"lr": 1}, {"extract": "b"})
+
+
+def test_every_shipped_workflow_loads():
+    for path in sorted((ROOT / "workflows/configs").glob("*.yaml")):
+        workflow = load_workflow(path)
+        for step in workflow.train:
+            assert (ROOT / step.config).is_file(), f"{path.name}: {step.config} does not exist"
+        assert dataclasses.is_dataclass(workflow)

@@ -1,0 +1,124 @@
+"""A content-addressed artifact cache.
+
+An artifact is a folder ``CACHE/<kind>/<key>/`` made by one stage. Its key is a hash of the stage's own
+settings and of the keys of its inputs, so the same dataset and detector always map to the same extracted
+shards, and changing a training hyper-parameter changes only the training and evaluation keys. An
+artifact counts only once its ``artifact.json`` says ``complete``: the stage writes into the folder, the
+runner writes the marker last (atomically). An interrupted stage leaves a folder without the marker;
+the next run hands the same folder back to the stage, which continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline.io import atomic_write_json, file_sha256
+
+__all__ = ["Artifact", "ArtifactCache", "artifact_key", "default_cache_dir", "file_fingerprint",
+           "tree_fingerprint"]
+
+MARKER = "artifact.json"
+
+
+def default_cache_dir() -> Path:
+    """``$SOFTCLIP_CACHE``, or ``./cache`` when it is unset."""
+    return Path(os.environ.get("SOFTCLIP_CACHE", "cache"))
+
+
+def artifact_key(kind: str, settings: Any, inputs: dict[str, str]) -> str:
+    """The cache key: SHA-256 of the kind, the canonical JSON of the settings and the input keys."""
+    canonical = json.dumps({"kind": kind, "settings": settings, "inputs": inputs}, sort_keys=True,
+                           separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+_SHA_MEMO: dict[tuple[str, int, int], str] = {}
+
+
+def file_fingerprint(path: str | Path) -> str:
+    """SHA-256 of a file's bytes (memoised by path, size and modification time within a process)."""
+    stat = Path(path).stat()
+    memo_key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    if memo_key not in _SHA_MEMO:
+        _SHA_MEMO[memo_key] = file_sha256(path)
+    return _SHA_MEMO[memo_key]
+
+
+def tree_fingerprint(path: str | Path) -> str:
+    """A cheap fingerprint of a user-provided dataset: names, sizes and modification times of its files.
+
+    Hashing the bytes of a multi-terabyte dataset is not practical; a changed, added or removed file
+    changes this fingerprint."""
+    root = Path(path)
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    digest = hashlib.sha256()
+    for p in files:
+        stat = p.stat()
+        digest.update(f"{p.relative_to(root) if p != root else p.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+@dataclasses.dataclass(frozen=True)
+class Artifact:
+    """One cache entry: ``path`` holds the stage's output, ``path / artifact.json`` its record."""
+
+    kind: str
+    key: str
+    path: Path
+
+    @property
+    def complete(self) -> bool:
+        return self.record().get("complete", False)
+
+    def record(self) -> dict[str, Any]:
+        marker = self.path / MARKER
+        return json.loads(marker.read_text()) if marker.is_file() else {}
+
+    def mark_complete(self, *, settings: Any, inputs: dict[str, str], made_by: str, seconds: float,
+                      outputs: dict[str, Any] | None = None) -> None:
+        atomic_write_json(self.path / MARKER, {
+            "kind": self.kind, "key": self.key, "complete": True, "made_by": made_by,
+            "settings": settings, "inputs": inputs, "outputs": outputs or {}, "seconds": round(seconds, 2),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        })
+
+    def size_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
+
+
+class ArtifactCache:
+    """The artifacts under one cache folder."""
+
+    def __init__(self, root: str | Path | None = None):
+        self.root = Path(root) if root is not None else default_cache_dir()
+
+    def artifact(self, kind: str, key: str) -> Artifact:
+        return Artifact(kind=kind, key=key, path=self.root / kind / key)
+
+    def list(self) -> list[Artifact]:
+        """Every artifact folder, complete or not, oldest kind first."""
+        if not self.root.is_dir():
+            return []
+        return [Artifact(kind=kind_dir.name, key=path.name, path=path)
+                for kind_dir in sorted(self.root.iterdir()) if kind_dir.is_dir()
+                for path in sorted(kind_dir.iterdir()) if path.is_dir()]
+
+    def remove(self, artifact: Artifact) -> None:
+        shutil.rmtree(artifact.path)
+
+    def gc(self, keep: set[str] | None = None) -> list[Artifact]:
+        """Delete incomplete artifacts, and complete ones whose key is not in ``keep`` when it is given.
+        Returns what was deleted."""
+        removed = []
+        for artifact in self.list():
+            if not artifact.complete or (keep is not None and artifact.key not in keep):
+                self.remove(artifact)
+                removed.append(artifact)
+        return removed

@@ -1,0 +1,103 @@
+"""Workflow files: a dataset, a detector, the extraction settings, training configs and evaluation tasks.
+
+Example (``workflows/configs/shapes-demo.yaml``)::
+
+    name: shapes-demo
+    dataset:
+      shapes: {num_train: 5000, caption_noise: 0.2}
+    detector:
+      train: extract/configs/shapes.yaml
+    extract:
+      config: extract/configs/extract-shapes.yaml
+    train:
+      - {name: clip, config: train/configs/shapes-clip.yaml}
+      - {name: softclip, config: train/configs/shapes-softclip.yaml}
+    eval:
+      tasks: [shapes]
+
+Stage config files are the stages' own YAML files; the runner fills in the paths that connect them
+(dataset, detector files, shard folders, run folders, checkpoints), so those fields may be left out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from pipeline.shapes import ShapesConfig
+
+__all__ = ["DatasetStep", "DetectorStep", "EvalStep", "ExtractStep", "TrainStep", "WorkflowConfig"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class DatasetStep:
+    """Exactly one of: a registered dataset ``name``, an explicit ``path``, or ``shapes`` settings."""
+
+    name: str = ""
+    path: str = ""
+    shapes: ShapesConfig | None = None
+
+    def __post_init__(self):
+        given = [bool(self.name), bool(self.path), self.shapes is not None]
+        if sum(given) != 1:
+            raise ValueError("dataset: give exactly one of name (registered), path, or shapes (generate)")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class DetectorStep:
+    """Released weights (``weights`` + ``labelmap``), or a detector trained on the dataset (``train``: a
+    detector config YAML, with ``overrides``)."""
+
+    weights: str = ""
+    labelmap: str = ""
+    train: str = ""
+    overrides: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if bool(self.train) == bool(self.weights or self.labelmap):
+            raise ValueError("detector: give either weights and labelmap, or train (a detector config)")
+        if not self.train and not (self.weights and self.labelmap):
+            raise ValueError("detector: weights and labelmap go together")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class ExtractStep:
+    """An extraction config YAML (``dataset``, ``weights``, ``labelmap``, ``out`` are filled in)."""
+
+    config: str = "extract/configs/extract-default.yaml"
+    overrides: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class TrainStep:
+    """A training run: its report label ``name``, a training config YAML and overrides."""
+
+    name: str
+    config: str
+    overrides: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class EvalStep:
+    """Evaluation tasks over every training run, side by side, with config overrides."""
+
+    tasks: tuple[str, ...] = ("shapes",)
+    overrides: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class WorkflowConfig:
+    """extract -> (pack) -> train -> eval, each stage's output cached by content."""
+
+    name: str
+    dataset: DatasetStep
+    detector: DetectorStep
+    extract: ExtractStep = dataclasses.field(default_factory=ExtractStep)
+    train: tuple[TrainStep, ...] = ()
+    eval: EvalStep | None = None
+
+    def __post_init__(self):
+        names = [t.name for t in self.train]
+        if len(set(names)) != len(names):
+            raise ValueError(f"train: run names must be distinct, got {names}")
+        if self.eval is not None and not self.train:
+            raise ValueError("eval needs at least one train step")

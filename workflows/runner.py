@@ -1,0 +1,321 @@
+"""Run a workflow: dataset -> detector -> extract (+ pack) -> train (each config) -> eval, cached by content.
+
+Every stage's key is a hash of its own settings and of its inputs' keys (:mod:`workflows.cache`). A
+stage whose artifact is complete is skipped; an incomplete one is run again into the same folder, where
+the stage's own resume picks up (extraction skips finished shards, training resumes from
+``checkpoints/latest.pt``). Paths that connect stages (dataset, detector files, shard folders, run folders,
+checkpoints) are filled in by the runner and are not part of the keys; execution-only settings (actors,
+batch sizes of the detector, worker counts) are not either, so changing them reuses the cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.config import apply_overrides, from_dict, load_config, to_dict
+from pipeline.shapes import generate as generate_shapes
+from workflows.cache import Artifact, ArtifactCache, artifact_key, file_fingerprint, tree_fingerprint
+from workflows.config import TrainStep, WorkflowConfig
+from workflows.datasets import data_root, resolve_dataset
+
+__all__ = ["STAGES", "StageRecord", "WorkflowResult", "WorkflowRunner", "load_workflow"]
+
+STAGES = ("dataset", "detector", "extract", "train", "eval")
+_PACKED_DIR = "packed"  # where extract.pack writes the WebDataset training shards, inside the extraction
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_workflow(path: str | Path) -> WorkflowConfig:
+    """Read a workflow YAML file (errors name the key and the file)."""
+    return load_config(WorkflowConfig, path)
+
+
+def _project_file(path: str) -> Path:
+    """A stage config path as written in a workflow: relative to the working directory, else to the
+    softclip checkout (so workflows run from any folder)."""
+    candidate = Path(os.path.expandvars(path))
+    if candidate.is_file() or candidate.is_absolute():
+        return candidate
+    return REPO_ROOT / candidate
+
+
+def _user_file(path: str, what: str) -> Path:
+    """A file the user provides (``$DATA_ROOT`` and other variables expanded); missing is an error."""
+    os.environ.setdefault("DATA_ROOT", str(data_root()))
+    expanded = Path(os.path.expandvars(path))
+    if not expanded.is_file():
+        raise FileNotFoundError(f"{what} not found: {expanded} (from '{path}'); see README, 'On a GPU pool'")
+    return expanded
+
+
+@dataclasses.dataclass
+class StageRecord:
+    """What one stage did: its key, its folder (if it has one), whether it came from the cache."""
+
+    stage: str
+    name: str
+    key: str
+    path: Path | None
+    cached: bool
+    seconds: float = 0.0
+    outputs: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class WorkflowResult:
+    workflow: str
+    records: list[StageRecord]
+    seconds: float
+
+    @property
+    def report(self) -> Path | None:
+        evals = [r for r in self.records if r.stage == "eval"]
+        return evals[0].path if evals else None
+
+    def summary(self) -> str:
+        ran = [r for r in self.records if not r.cached]
+        line = (f"workflow {self.workflow}: {len(self.records)} stages, {len(self.records) - len(ran)} cached, "
+                f"{len(ran)} ran, {self.seconds:.1f}s")
+        return line + (f"; report in {self.report}" if self.report else "")
+
+
+def _stage_config(cls: type, path: str | Path, managed: dict[str, Any], overrides: tuple[str, ...]):
+    """Load a stage's YAML, set the runner-managed (dotted) keys, apply overrides.
+
+    Returns ``(config, settings)`` where ``settings`` is the config as plain data without the managed
+    keys: what the artifact key hashes."""
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    for dotted, value in managed.items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    cfg = apply_overrides(from_dict(cls, data, source=str(path)), overrides, source=f"{path} overrides")
+    settings = to_dict(cfg)
+    for dotted in managed:
+        node = settings
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node[part]
+        node.pop(leaf, None)
+    return cfg, settings
+
+
+class WorkflowRunner:
+    """Plans and runs one workflow against an artifact cache.
+
+    Args:
+        workflow: the workflow config.
+        cache: where artifacts live (default ``$SOFTCLIP_CACHE`` or ``./cache``).
+        force: stages to recompute; every later stage is recomputed too.
+        until: the last stage to run (``extract`` for ``make extract``).
+        nproc: processes per node for training (``torchrun`` when > 1).
+        log: a callable taking one line of progress text.
+    """
+
+    def __init__(self, workflow: WorkflowConfig, *, cache: ArtifactCache | None = None,
+                 force: tuple[str, ...] = (), until: str = "eval", nproc: int = 1, log=print):
+        unknown = [s for s in (*force, until) if s not in STAGES]
+        if unknown:
+            raise ValueError(f"unknown stage '{unknown[0]}' (stages: {', '.join(STAGES)})")
+        self.workflow = workflow
+        self.cache = cache or ArtifactCache()
+        first_forced = min((STAGES.index(s) for s in force), default=len(STAGES))
+        self.forced = set(STAGES[first_forced:])
+        self.last = STAGES.index(until)
+        self.nproc = nproc
+        self.log = log
+        self.records: list[StageRecord] = []
+        self._recomputed: set[str] = set()  # forced artifacts are cleared once per run, not per use
+        self.dry_run = False
+
+    # -- the stages ----------------------------------------------------------------------------------------
+
+    def _dataset(self) -> StageRecord:
+        step = self.workflow.dataset
+        if step.shapes is None:
+            location = Path(os.path.expandvars(step.path)) if step.path else resolve_dataset(step.name)
+            key = artifact_key("dataset", {"location": str(location), "files": tree_fingerprint(location)}, {})
+            return StageRecord("dataset", step.name or str(location), key, None, True,
+                               outputs={"root": str(location), "train": str(location), "eval": None})
+        settings = to_dict(step.shapes)
+        artifact = self.cache.artifact("dataset", artifact_key("dataset", {"shapes": settings}, {}))
+        return self._produce(artifact, "shapes world", settings, {},
+                             lambda: generate_shapes(artifact.path, step.shapes, progress=True),
+                             outputs={"root": str(artifact.path), "train": str(artifact.path / "train"),
+                                      "eval": str(artifact.path / "eval")})
+
+    def _detector(self, dataset: StageRecord) -> StageRecord:
+        step = self.workflow.detector
+        if not step.train:
+            weights = _user_file(step.weights, "detector weights")
+            labelmap = _user_file(step.labelmap, "detector label map")
+            key = artifact_key("detector", {"weights": file_fingerprint(weights),
+                                            "labelmap": file_fingerprint(labelmap)}, {})
+            return StageRecord("detector", weights.name, key, None, True,
+                               outputs={"weights": str(weights), "labelmap": str(labelmap)})
+        from extract.detector_config import DetectorConfig
+        from extract.detector_train import train_detector
+
+        cfg = apply_overrides(load_config(DetectorConfig, _project_file(step.train)), step.overrides)
+        settings, inputs = to_dict(cfg), {"dataset": dataset.key}
+        artifact = self.cache.artifact("detector", artifact_key("detector", settings, inputs))
+        weights, labelmap = artifact.path / "model.pth", artifact.path / "labelmap.json"
+        return self._produce(artifact, cfg.name, settings, inputs,
+                             lambda: train_detector(cfg, Path(dataset.outputs["root"]), artifact.path),
+                             outputs={"weights": str(weights), "labelmap": str(labelmap),
+                                      "config": str(artifact.path / "detector.yaml")})
+
+    def _extract(self, dataset: StageRecord, detector: StageRecord) -> StageRecord:
+        from extract.job import run_extraction
+        from extract.job_config import ExtractConfig
+
+        step = self.workflow.extract
+        managed = {"dataset": dataset.outputs["train"], "weights": detector.outputs["weights"],
+                   "labelmap": detector.outputs["labelmap"], "out": "", "pack": True}
+        # Execution-only settings from the environment (`make extract RAY_ADDRESS=auto NUM_GPUS=8`).
+        if os.environ.get("RAY_ADDRESS"):
+            managed["ray_address"] = os.environ["RAY_ADDRESS"]
+        if int(os.environ.get("NUM_GPUS") or 0) > 0:
+            managed["actors"] = int(os.environ["NUM_GPUS"])
+        cfg, _ = _stage_config(ExtractConfig, _project_file(step.config), managed, step.overrides)
+        settings, inputs = cfg.settings(), {"dataset": dataset.key, "detector": detector.key}
+        if "config" in detector.outputs:  # a trained detector: extract with the settings it was trained with
+            cfg = cfg.replace(detector_overrides={**cfg.detector_overrides, "config": detector.outputs["config"]})
+            settings["detector_overrides"]["config"] = "<detector artifact>/detector.yaml"
+        artifact = self.cache.artifact("extract", artifact_key("extract", settings, inputs))
+        cfg = cfg.replace(out=artifact.path)
+        return self._produce(artifact, "features", settings, inputs, lambda: run_extraction(cfg),
+                             outputs={"features": str(artifact.path), "packed": str(artifact.path / _PACKED_DIR)},
+                             describe=_feature_dim)
+
+    def _train(self, extract: StageRecord, step: TrainStep) -> StageRecord:
+        from train.config import TrainConfig
+
+        managed = {"run_dir": "", "data.format": "webdataset", "data.root": extract.outputs["packed"],
+                   "data.train_shards": ".", "model.roi_feature_dim": extract.outputs.get("feature_dim", 1)}  # not in the key
+        cfg, settings = _stage_config(TrainConfig, _project_file(step.config), managed, step.overrides)
+        for execution_only in ("num_workers",):
+            settings["data"].pop(execution_only, None)
+        settings.pop("log", None)
+        inputs = {"extract": extract.key}
+        artifact = self.cache.artifact("train", artifact_key("train", settings, inputs))
+        cfg = dataclasses.replace(cfg, run_dir=artifact.path)
+        checkpoint = artifact.path / "checkpoints" / "latest.pt"
+        return self._produce(artifact, step.name, settings, inputs, lambda: self._run_training(cfg, artifact),
+                             outputs={"checkpoint": str(checkpoint)})
+
+    def _run_training(self, cfg, artifact: Artifact) -> None:
+        resume = "latest" if (artifact.path / "checkpoints" / "latest.pt").is_file() else None
+        if self.nproc <= 1:
+            from train.loop import train
+
+            train(cfg, resume=resume)
+            return
+        from pipeline.config import save_config
+
+        config_path = save_config(cfg, artifact.path / "workflow-train.yaml")
+        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={self.nproc}",
+                   *os.environ.get("TORCHRUN_ARGS", "").split(), "-m", "pipeline", "train",
+                   "--config", str(config_path)] + (["--resume", resume] if resume else [])
+        self.log("  " + " ".join(command))
+        subprocess.run(command, check=True)
+
+    def _eval(self, dataset: StageRecord, trains: list[StageRecord]) -> StageRecord:
+        from eval.evaluate import EvalConfig, run_eval
+
+        step = self.workflow.eval
+        paths = {}
+        if dataset.outputs.get("eval"):  # a generated shapes world: its own evaluation sets
+            shapes_eval = Path(dataset.outputs["eval"])
+            paths = {"shapes-retrieval": str(shapes_eval / "retrieval"),
+                     "shapes-shape": str(shapes_eval / "classification"),
+                     "shapes-colour_shape": str(shapes_eval / "classification")}
+        data = {"checkpoints": [t.outputs["checkpoint"] for t in trains], "labels": [t.name for t in trains],
+                "tasks": list(step.tasks), "out": "", "data_root": str(data_root()), "paths": paths}
+        cfg = apply_overrides(from_dict(EvalConfig, data, source="workflow eval"), step.overrides)
+        settings = {"tasks": list(step.tasks), "overrides": list(step.overrides), "data_root": str(data_root())}
+        inputs = {"dataset": dataset.key, **{f"train:{t.name}": t.key for t in trains}}
+        artifact = self.cache.artifact("eval", artifact_key("eval", settings, inputs))
+        cfg = dataclasses.replace(cfg, out=artifact.path)
+        return self._produce(artifact, "report", settings, inputs, lambda: run_eval(cfg),
+                             outputs={"markdown": str(artifact.path / "results.md"),
+                                      "chart": str(artifact.path / "results.png"),
+                                      "json": str(artifact.path / "results.json")})
+
+    # -- machinery -----------------------------------------------------------------------------------------
+
+    def _produce(self, artifact: Artifact, name: str, settings: Any, inputs: dict[str, str], make,
+                 outputs: dict[str, Any], describe=None) -> StageRecord:
+        """Return the cached artifact, or run ``make`` into its folder and mark it complete."""
+        if not self.dry_run and artifact.kind in self.forced and artifact.key not in self._recomputed and artifact.path.exists():
+            self.cache.remove(artifact)
+        self._recomputed.add(artifact.key)
+        if self.dry_run or artifact.complete:
+            record = StageRecord(artifact.kind, name, artifact.key, artifact.path, artifact.complete,
+                                 outputs={**outputs, **artifact.record().get("outputs", {})})
+            if not self.dry_run:
+                self.log(f"[cached] {artifact.kind:<8} {name:<16} {artifact.path}")
+            return record
+        resumed = artifact.path.exists()
+        self.log(f"[{'resume' if resumed else 'run'}] {artifact.kind:<8} {name:<16} {artifact.path}")
+        artifact.path.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        make()
+        seconds = time.perf_counter() - start
+        if describe is not None:
+            outputs = {**outputs, **describe(artifact.path)}
+        artifact.mark_complete(settings=settings, inputs=inputs, made_by=f"workflow {self.workflow.name}",
+                               seconds=seconds, outputs=outputs)
+        self.log(f"[done] {artifact.kind:<8} {name:<16} {seconds:.1f}s")
+        return StageRecord(artifact.kind, name, artifact.key, artifact.path, False, seconds, outputs)
+
+    def run(self) -> WorkflowResult:
+        """Run the workflow up to ``until``; returns what each stage did."""
+        start = time.perf_counter()
+        self.records = []
+        dataset = self._add(self._dataset())
+        if self.last >= STAGES.index("detector"):
+            detector = self._add(self._detector(dataset))
+        if self.last >= STAGES.index("extract"):
+            extract = self._add(self._extract(dataset, detector))
+        trains = []
+        if self.last >= STAGES.index("train"):
+            trains = [self._add(self._train(extract, step)) for step in self.workflow.train]
+        if self.last >= STAGES.index("eval") and self.workflow.eval is not None:
+            self._add(self._eval(dataset, trains))
+        return WorkflowResult(self.workflow.name, self.records, time.perf_counter() - start)
+
+    def plan(self) -> list[StageRecord]:
+        """The stages' keys and folders without running anything (``cached`` says what is complete)."""
+        self.dry_run = True
+        try:
+            return self.run().records
+        finally:
+            self.dry_run = False
+
+    def _add(self, record: StageRecord) -> StageRecord:
+        self.records.append(record)
+        return record
+
+
+def _feature_dim(features_dir: Path) -> dict[str, Any]:
+    """The ROI feature width of an extraction, read from its Parquet shards' metadata."""
+    import pyarrow.parquet as pq
+
+    shards = sorted(features_dir.glob("*.parquet"))
+    if not shards:
+        raise RuntimeError(f"{features_dir}: the extraction wrote no Parquet feature shards")
+    metadata = pq.read_schema(shards[0]).metadata or {}
+    return {"feature_dim": int(metadata[b"softclip.feature_dim"]), "num_shards": len(shards)}
