@@ -105,7 +105,7 @@ def _cpu_runs(args: argparse.Namespace) -> dict:
     images = _images(32, 64, 64)
     result = {
         "shapes_variant": {
-            "input": "64x64 -> 128x128", "arch": cfg.name,
+            "input": f"64x64 -> {cfg.test.min_size}x{cfg.test.min_size}", "arch": cfg.name,
             "one_at_a_time": throughput(shapes, images, 1, "cpu", args.repeats),
             "batched": throughput(shapes, images, 16, "cpu", args.repeats),
             "split_seconds_batch16": stage_split(shapes, images[:16], "cpu"),

@@ -296,3 +296,13 @@ def test_labelmap_layout(tmp_path: Path) -> None:
     path.write_text('{"label_to_idx": {"cat": 0}, "attribute_to_idx": {}}')
     with pytest.raises(CheckpointError, match="1-based"):
         read_labelmap(path)
+
+
+def test_configs_load() -> None:
+    from pipeline.config import load_config
+
+    configs = Path(__file__).parent.parent / "extract" / "configs"
+    x152 = load_config(DetectorConfig, configs / "vinvl_x152c4.yaml")
+    assert x152.arch == DetectorArch() and x152.test == DetectorSettings()  # the official extraction settings
+    shapes = load_config(DetectorConfig, configs / "shapes.yaml")
+    assert shapes.arch.num_classes == 9 and shapes.arch.num_attributes == 11
