@@ -21,6 +21,17 @@ and it counts only when the manifest lists it with a checksum that still matches
 rows delivered twice by retried tasks; a rerun after any crash redoes exactly the shards not committed.
 *Bad input*: every sample becomes a row; problems are ``status="error"`` rows with a reason, and a
 shard that cannot be opened at all is a manifest entry (``"unreadable"``), retried on the next run.
+
+Example::
+
+    softclip extract --dataset cc3m --weights vinvl_vg_x152c4.pth --labelmap VG-SGG-dicts-vgoi6-clipped.json \
+        --out $DATA_ROOT/features/cc3m                      # RAY_ADDRESS=auto joins a running cluster
+
+    summary = run_extraction(load_extract_config("extract/configs/extract-default.yaml", dataset="cc3m",
+                                                 weights=w, labelmap=l, out=out))
+    print(summary.line())
+
+On a cluster, the dataset and output paths must be on storage that the driver and every node see.
 """
 
 from __future__ import annotations

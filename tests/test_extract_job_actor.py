@@ -17,7 +17,7 @@ from PIL import Image
 from extract.actor import DetectorActor, batch_to_records, detection_to_record
 from extract.checkpoint import write_checkpoint, write_labelmap
 from extract.detector_config import DetectorArch, DetectorConfig
-from extract.job import fingerprint
+from extract.job import fingerprint, resolve_dataset_spec
 from extract.job_config import ExtractConfig
 from extract.manifest import Manifest, ManifestMismatchError
 from extract.stages import read_shard_rows
@@ -227,3 +227,12 @@ def test_manifest_refuses_other_settings_and_detects_tampering(tmp_path, bad_sou
     path.write_bytes(bytes(data))
     reopened = Manifest.open(cfg.out, fingerprint(cfg, cfg.dataset))
     assert reopened.verified("00003", "size") and not reopened.verified("00003", "checksum")
+
+
+def test_dataset_names_resolve_through_the_registry_and_paths_stay_paths(tmp_path, monkeypatch):
+    monkeypatch.setenv("DATA_ROOT", str(tmp_path))
+    (tmp_path / "cc3m").mkdir()
+    assert resolve_dataset_spec("cc3m") == str(tmp_path / "cc3m")
+    assert resolve_dataset_spec(str(tmp_path / "cc3m" / "{00000..00001}.tar")).endswith("{00000..00001}.tar")
+    with pytest.raises(ValueError, match="unknown dataset 'nosuch'"):
+        resolve_dataset_spec("nosuch")
