@@ -98,6 +98,6 @@ def test_cli_trains_clip_and_checkpoint_loads(data_root, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["shapes-clip", "shapes-softclip"])
 def test_shapes_configs_train_with_falling_loss(data_root, tmp_path, name):
-    summary = train(_cfg(data_root, tmp_path / name, name, "data.batch_size=32", "optim.epochs=4",
-                         "log.every_n_steps=5"))
-    assert summary.last_loss < summary.first_loss - 0.5
+    summary = train(_cfg(data_root, tmp_path / name, name, "data.batch_size=32", "optim.epochs=8",
+                         "log.every_n_steps=4"))
+    assert summary.steps == 24 and summary.last_loss < 0.85 * summary.first_loss
