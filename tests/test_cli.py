@@ -38,7 +38,7 @@ def test_shapes_command(tmp_path):
 
 
 def test_datasets_command_reports_presence(tmp_path, monkeypatch):
-    (tmp_path / "shapes").mkdir()
+    (tmp_path / "shapes" / "train").mkdir(parents=True)
     monkeypatch.setenv("DATA_ROOT", str(tmp_path))
     result = runner.invoke(build_app(), ["datasets"])
     assert result.exit_code == 0

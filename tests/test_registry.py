@@ -19,8 +19,8 @@ def test_missing_dataset_says_how_to_get_it(tmp_path):
 
 
 def test_present_dataset_resolves(tmp_path):
-    (tmp_path / "shapes").mkdir()
-    assert resolve_dataset("shapes", root=tmp_path) == tmp_path / "shapes"
+    (tmp_path / "shapes" / "train").mkdir(parents=True)
+    assert resolve_dataset("shapes", root=tmp_path) == tmp_path / "shapes" / "train"
 
 
 def test_unknown_dataset_lists_known_names():

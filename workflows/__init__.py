@@ -1,0 +1,1 @@
+__all__ = ["cache", "cli", "config", "datasets", "runner"]

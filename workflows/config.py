@@ -44,11 +44,13 @@ class DatasetStep:
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class DetectorStep:
-    """Released weights (``weights`` + ``labelmap``), or a detector trained on the dataset (``train``: a
+    """Given weights (``weights`` + ``labelmap``, and the detector ``config`` YAML for variants whose input
+    size and test settings the weights do not carry), or a detector trained on the dataset (``train``: a
     detector config YAML, with ``overrides``)."""
 
     weights: str = ""
     labelmap: str = ""
+    config: str = ""
     train: str = ""
     overrides: tuple[str, ...] = ()
 
@@ -57,6 +59,8 @@ class DetectorStep:
             raise ValueError("detector: give either weights and labelmap, or train (a detector config)")
         if not self.train and not (self.weights and self.labelmap):
             raise ValueError("detector: weights and labelmap go together")
+        if self.train and self.config:
+            raise ValueError("detector: config goes with weights; a trained detector's config is `train`")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)

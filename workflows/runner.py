@@ -50,12 +50,13 @@ def _project_file(path: str) -> Path:
 
 
 def _user_file(path: str, what: str) -> Path:
-    """A file the user provides (``$DATA_ROOT`` and other variables expanded); missing is an error."""
+    """A file the user provides (``$DATA_ROOT`` and other variables expanded; relative paths as in
+    :func:`_project_file`); missing is an error."""
     os.environ.setdefault("DATA_ROOT", str(data_root()))
-    expanded = Path(os.path.expandvars(path))
-    if not expanded.is_file():
-        raise FileNotFoundError(f"{what} not found: {expanded} (from '{path}'); see README, 'On a GPU pool'")
-    return expanded
+    resolved = _project_file(path)
+    if not resolved.is_file():
+        raise FileNotFoundError(f"{what} not found: {resolved} (from '{path}'); see README, 'On a GPU pool'")
+    return resolved
 
 
 @dataclasses.dataclass
@@ -161,10 +162,13 @@ class WorkflowRunner:
         if not step.train:
             weights = _user_file(step.weights, "detector weights")
             labelmap = _user_file(step.labelmap, "detector label map")
-            key = artifact_key("detector", {"weights": file_fingerprint(weights),
-                                            "labelmap": file_fingerprint(labelmap)}, {})
-            return StageRecord("detector", weights.name, key, None, True,
-                               outputs={"weights": str(weights), "labelmap": str(labelmap)})
+            identity = {"weights": file_fingerprint(weights), "labelmap": file_fingerprint(labelmap)}
+            outputs = {"weights": str(weights), "labelmap": str(labelmap)}
+            if step.config:
+                config = _user_file(step.config, "detector config")
+                identity["config"], outputs["config"] = file_fingerprint(config), str(config)
+            return StageRecord("detector", weights.name, artifact_key("detector", identity, {}), None, True,
+                               outputs=outputs)
         from extract.detector_config import DetectorConfig
         from extract.detector_train import train_detector
 
@@ -191,9 +195,9 @@ class WorkflowRunner:
             managed["actors"] = int(os.environ["NUM_GPUS"])
         cfg, _ = _stage_config(ExtractConfig, _project_file(step.config), managed, step.overrides)
         settings, inputs = cfg.settings(), {"dataset": dataset.key, "detector": detector.key}
-        if "config" in detector.outputs:  # a trained detector: extract with the settings it was trained with
+        if "config" in detector.outputs:  # extract with the detector's own config (its key covers the file)
             cfg = cfg.replace(detector_overrides={**cfg.detector_overrides, "config": detector.outputs["config"]})
-            settings["detector_overrides"]["config"] = "<detector artifact>/detector.yaml"
+            settings["detector_overrides"]["config"] = "<the detector's config>"
         artifact = self.cache.artifact("extract", artifact_key("extract", settings, inputs))
         cfg = cfg.replace(out=artifact.path)
         return self._produce(artifact, "features", settings, inputs, lambda: run_extraction(cfg),

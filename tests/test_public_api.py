@@ -1,0 +1,31 @@
+"""Public API: each package's ``__all__`` lists its public modules, and each module's ``__all__`` names
+exist (style guide rule 10)."""
+
+import importlib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("pipeline", "extract", "train", "eval", "workflows")
+
+
+def _public_modules(package: str) -> set[str]:
+    folder = ROOT / package
+    modules = {p.stem for p in folder.glob("*.py") if not p.stem.startswith("_")}
+    modules |= {p.name for p in folder.iterdir() if (p / "__init__.py").is_file()}
+    return modules
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_package_all_lists_its_public_modules(package):
+    assert set(importlib.import_module(package).__all__) == _public_modules(package)
+
+
+@pytest.mark.parametrize("module", [f"{pkg}.{name}" for pkg in PACKAGES for name in sorted(_public_modules(pkg))])
+def test_module_all_names_exist(module):
+    imported = importlib.import_module(module)
+    names = getattr(imported, "__all__", None)
+    assert names, f"{module} has no __all__"
+    missing = [n for n in names if not hasattr(imported, n)]
+    assert not missing, f"{module}.__all__ names missing objects: {missing}"
