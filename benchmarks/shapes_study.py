@@ -28,8 +28,7 @@ sys.path.insert(0, str(ROOT))
 from pipeline.io import atomic_write_json, atomic_write_text  # noqa: E402
 from pipeline.shapes import ShapesConfig  # noqa: E402
 from workflows.cache import ArtifactCache  # noqa: E402
-from workflows.config import (DatasetStep, DetectorStep, EvalStep, ExtractStep, TrainStep,  # noqa: E402
-                              WorkflowConfig)
+from workflows.config import DatasetStep, DetectorStep, EvalStep, ExtractStep, TrainStep, WorkflowConfig  # noqa: E402
 from workflows.runner import WorkflowRunner  # noqa: E402
 
 METHODS = {  # part 1: name -> training overrides
