@@ -253,7 +253,7 @@ class TrainData:
             return None
         seed = int(np.random.SeedSequence([self.seed, epoch, zlib.crc32(raw.key.encode())]).generate_state(1)[0])
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed also queues CUDA seeding
             pixels = self.transform(image)
         keep = np.argsort(-raw.scores, kind="stable")[: self.cfg.max_boxes]
         return {"key": raw.key, "image": pixels, "caption": raw.caption, "tags": raw.tags,
