@@ -101,3 +101,29 @@ def test_shapes_configs_train_with_falling_loss(data_root, tmp_path, name):
     summary = train(_cfg(data_root, tmp_path / name, name, "data.batch_size=32", "optim.epochs=8",
                          "log.every_n_steps=4"))
     assert summary.steps == 24 and summary.last_loss < 0.85 * summary.first_loss
+
+
+def _ddp_train(rank, world_size, port, cfg):
+    import os
+
+    os.environ.update(WORLD_SIZE=str(world_size), RANK=str(rank), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    train(cfg)
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_process_gloo_training_writes_one_checkpoint(data_root, tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = _cfg(data_root, tmp_path / "ddp", "shapes-softclip", "optim.max_steps=3")
+    mp.spawn(_ddp_train, args=(2, port, cfg), nprocs=2, join=True)
+    ckpt = torch.load(tmp_path / "ddp" / "checkpoints" / "latest.pt", weights_only=True)
+    assert ckpt["step"] == 3 and len(ckpt["data_position"]) == 2 and len(ckpt["rng"]) == 2
+    steps = [json.loads(line)["step"] for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
