@@ -110,15 +110,16 @@ def _checkpoint(cfg: TrainConfig, model: SoftCLIPModel, optimizer, progress: dic
             "config": to_dict(cfg)}
 
 
-def _restore(path: Path, cfg: TrainConfig, model: SoftCLIPModel, optimizer, rank: int) -> dict:
+def _restore(path: Path, cfg: TrainConfig, model: SoftCLIPModel, optimizer, rank: int, world_size: int) -> dict:
     """Load a checkpoint into ``model`` and ``optimizer``; returns the progress to continue from."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     saved = from_dict(TrainConfig, ckpt["config"], source=str(path))
     if saved.model != cfg.model:
         raise ValueError(f"{path}: checkpoint model config {saved.model} differs from the run's {cfg.model}; "
                          "resume with the config the run was started with")
-    if len(ckpt["data_position"]) <= rank:
-        raise ValueError(f"{path}: saved by {len(ckpt['data_position'])} ranks; resume with as many ranks")
+    if len(ckpt["data_position"]) != world_size:
+        raise ValueError(f"{path}: saved by {len(ckpt['data_position'])} ranks, this run has {world_size}; "
+                         "resume with as many ranks (the data position is per rank)")
     model.clip.load_state_dict(ckpt["state_dict"])
     model.roi.load_state_dict(ckpt["roi_state_dict"])
     optimizer.load_state_dict(ckpt["optimizer"])
@@ -127,8 +128,10 @@ def _restore(path: Path, cfg: TrainConfig, model: SoftCLIPModel, optimizer, rank
 
 
 def train_step(model, loss_fn: SoftCLIPLoss, optimizer, batch: dict, cfg: TrainConfig,
-                device: torch.device) -> dict[str, torch.Tensor]:
-    """One optimizer step on ``batch``; returns the loss terms and the gradient norm as tensors."""
+               device: torch.device) -> dict[str, torch.Tensor]:
+    """One optimizer step on ``batch`` (a :class:`train.data.TrainData` batch); ``model`` is the
+    :class:`SoftCLIPModel`, possibly wrapped by DDP / ``torch.compile``. Returns the loss terms, the gradient
+    norm and the logit scale as detached tensors (reading them is what waits for the device)."""
     inputs = {"images": batch["images"], "texts": batch["texts"]}
     if loss_fn.needs_tags:
         inputs["tags"] = batch["tags"]
@@ -145,10 +148,10 @@ def train_step(model, loss_fn: SoftCLIPLoss, optimizer, batch: dict, cfg: TrainC
     max_norm = cfg.optim.grad_clip_norm or float("inf")
     losses["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, max_norm)
     optimizer.step()
+    logit_scale = _unwrap(model).clip.logit_scale
     with torch.no_grad():
-        out_scale = _unwrap(model).clip.logit_scale
-        out_scale.clamp_(0, MAX_LOGIT_SCALE)
-    losses["logit_scale"] = out_scale.detach().exp()
+        logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+    losses["logit_scale"] = logit_scale.detach().exp()
     return {k: v.detach() for k, v in losses.items()}
 
 
@@ -189,7 +192,7 @@ def _setup(cfg: TrainConfig, resume: str | None, rank: int, world_size: int, dev
     _seed_everything(cfg.seed + rank)
     progress = {"step": 0, "epoch": 0, "positions": None}
     if resume:
-        progress = _restore(resolve_resume(resume, cfg.run_dir), cfg, model, optimizer, rank)
+        progress = _restore(resolve_resume(resume, cfg.run_dir), cfg, model, optimizer, rank, world_size)
     return model, loss_fn, optimizer, data, progress
 
 
