@@ -310,6 +310,8 @@ class WorkflowRunner:
             self.dry_run = False
 
     def _add(self, record: StageRecord) -> StageRecord:
+        if record.path is None and not self.dry_run:  # given inputs (a dataset path, released weights)
+            self.log(f"[given]  {record.stage:<8} {record.name:<16} {record.outputs.get('train') or record.outputs.get('weights')}")
         self.records.append(record)
         return record
 
