@@ -15,7 +15,7 @@ NUM_GPUS ?= 0
 RAY_ADDRESS ?=
 RUN := $(BIN)/softclip run $(WORKFLOW)
 
-.PHONY: setup demo extract train eval test bench clean
+.PHONY: setup demo extract train eval test bench study clean
 
 setup: $(STAMP)
 
@@ -41,8 +41,16 @@ eval: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
+# The speed benchmarks (JSON on stdout; see benchmarks/RESULTS.md). The shapes-world study is separate:
+# `make study` (about 2 hours on 2 cores; cached, so an interrupted study continues).
 bench: setup
-	@for script in benchmarks/*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done
+	$(BIN)/python benchmarks/detector.py
+	$(BIN)/python benchmarks/extract_job.py --weights extract/weights/shapes/model.pth \
+	  --labelmap extract/weights/shapes/labelmap.json --detector-config extract/weights/shapes/detector.yaml
+	$(BIN)/python benchmarks/train.py
+
+study: setup
+	$(BIN)/python benchmarks/shapes_study.py --out docs/shapes-study
 
 clean:
 	rm -rf runs cache .pytest_cache .ruff_cache build *.egg-info
