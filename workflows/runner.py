@@ -210,8 +210,7 @@ class WorkflowRunner:
         managed = {"run_dir": "", "data.format": "webdataset", "data.root": extract.outputs["packed"],
                    "data.train_shards": ".", "model.roi_feature_dim": extract.outputs.get("feature_dim", 1)}  # not in the key
         cfg, settings = _stage_config(TrainConfig, _project_file(step.config), managed, step.overrides)
-        for execution_only in ("num_workers",):
-            settings["data"].pop(execution_only, None)
+        settings["data"].pop("num_workers", None)  # execution only, like logging: not in the key
         settings.pop("log", None)
         inputs = {"extract": extract.key}
         artifact = self.cache.artifact("train", artifact_key("train", settings, inputs))
