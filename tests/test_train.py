@@ -84,7 +84,7 @@ def test_cli_trains_clip_and_checkpoint_loads(data_root, tmp_path):
     files = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert files == ["latest.pt", "step_0000003.pt"]
     ckpt = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=True)
-    assert ckpt["model_name"] == "shapes-tiny" and ckpt["config"]["loss"]["lam"] == 0.0
+    assert ckpt["model_name"] == "shapes-rn" and ckpt["config"]["loss"]["lam"] == 0.0
     assert set(ckpt) >= {"state_dict", "model_config", "roi_state_dict", "optimizer", "step", "rng",
                          "data_position", "config"}
     model, _, _ = load_checkpoint_model(run_dir / "checkpoints" / "latest.pt")
