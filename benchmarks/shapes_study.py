@@ -16,6 +16,7 @@ nothing, and an interrupted study continues where it stopped. Results: ``--out``
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import statistics
 import sys
@@ -26,7 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.io import atomic_write_json, atomic_write_text  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
 from pipeline.shapes import ShapesConfig  # noqa: E402
+from train.config import TrainConfig  # noqa: E402
 from workflows.cache import ArtifactCache  # noqa: E402
 from workflows.config import DatasetStep, DetectorStep, EvalStep, ExtractStep, TrainStep, WorkflowConfig  # noqa: E402
 from workflows.runner import WorkflowRunner  # noqa: E402
@@ -53,13 +56,14 @@ METRICS = {
     "text->image R@1": ("shapes-retrieval", "text_to_image_R@1"),
 }
 DETECTOR = "extract/weights/shapes"
+TRAIN_CONFIG = "train/configs/shapes-softclip.yaml"  # every run: this file plus its overrides
 
 
 def workflow(noise: float, runs: dict[str, list[str]], seeds: list[int], args) -> WorkflowConfig:
     """One workflow per noise level: the shipped shapes detector, one training run per (name, seed)."""
     train_overrides = [f"optim.epochs={args.epochs}"] + (["optim.max_steps=20"] if args.quick else [])
     steps = tuple(
-        TrainStep(name=f"{name}@seed{seed}", config="train/configs/shapes-softclip.yaml",
+        TrainStep(name=f"{name}@seed{seed}", config=TRAIN_CONFIG,
                   overrides=tuple(train_overrides + overrides + [f"seed={seed}"]))
         for name, overrides in runs.items() for seed in seeds
     )
@@ -120,11 +124,41 @@ def plot(part1: dict[float, dict], path: Path) -> None:
     plt.close(fig)
 
 
-def run_workflow(config: WorkflowConfig, cache: ArtifactCache) -> dict:
+def run_workflow(config: WorkflowConfig, cache: ArtifactCache) -> tuple[dict, dict[str, Path]]:
+    """Evaluation results per run, and each run's training folder (which holds its ``metrics.jsonl``)."""
     result = WorkflowRunner(config, cache=cache, log=print).run()
     payload = json.loads((result.report / "results.json").read_text())
     print(result.summary(), flush=True)
-    return payload["results"]
+    return payload["results"], {r.name: r.path for r in result.records if r.stage == "train"}
+
+
+def target_entropy(train_dirs: dict[str, Path], runs: list[str], seeds: list[int]) -> dict[str, dict[str, float]]:
+    """``run -> {step1, step10, last}``: the soft targets' mean row entropy in nats, averaged over seeds.
+
+    Read from each run's ``metrics.jsonl`` (``entropy_target``, logged by ``train.losses.SoftCLIPLoss``); a
+    target that collapsed to label smoothing has the entropy of the label-smoothing run."""
+    table = {}
+    for name in runs:
+        points = collections.defaultdict(list)
+        for seed in seeds:
+            lines = (train_dirs[f"{name}@seed{seed}"] / "metrics.jsonl").read_text().splitlines()
+            by_step = {row["step"]: row["entropy_target"] for row in map(json.loads, lines) if "entropy_target" in row}
+            points["step1"].append(by_step[min(by_step)])
+            points["step10"].append(by_step[10])
+            points["last"].append(by_step[max(by_step)])
+        table[name] = {point: statistics.fmean(values) for point, values in points.items()}
+    return table
+
+
+def entropy_markdown(entropy: dict[str, dict[str, dict[str, float]]]) -> str:
+    lines = ["### Soft-target entropy", "",
+             "Mean row entropy of the soft targets in nats (mean over seeds) at training step 1, step 10 and "
+             "the last step; label smoothing is the collapsed reference.", "",
+             "| run | step 1 | step 10 | last step |", "|---|---|---|---|"]
+    for setting, table in entropy.items():
+        for name, row in table.items():
+            lines.append(f"| {name} @ {setting} | {row['step1']:.3f} | {row['step10']:.3f} | {row['last']:.3f} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -143,19 +177,21 @@ def main(argv: list[str] | None = None) -> dict:
     cache = ArtifactCache(args.cache_dir)
     seeds = list(range(args.seeds))
     levels = [float(x) for x in args.noise.split(",")]
-    part1 = {}
+    part1, entropy = {}, {}
     for noise in levels:
         runs = dict(METHODS)
         if noise == args.ablation_noise and not args.skip_ablation:
             runs.update(VARIANTS)  # one workflow per noise level: the 0.4 one also holds the ablation
-        results = run_workflow(workflow(noise, runs, seeds, args), cache)
+        results, train_dirs = run_workflow(workflow(noise, runs, seeds, args), cache)
         part1[noise] = summarise(results, list(METHODS), seeds)
+        entropy[f"noise {noise}"] = target_entropy(train_dirs, ["label_smoothing", "softclip"], seeds)
         if noise == args.ablation_noise and not args.skip_ablation:
             part2 = summarise(results, list(VARIANTS), seeds)
+            entropy[f"noise {noise}"] |= target_entropy(train_dirs, [v for v in VARIANTS if v != "softclip"], seeds)
     command = "python benchmarks/shapes_study.py " + " ".join(argv if argv is not None else sys.argv[1:])
     text = [f"Command: `{command.strip()}`", "",
             f"Shapes world: {args.num_train} training pairs, the shipped shapes detector "
-            f"({DETECTOR}), model `shapes-tiny`, {args.epochs} epochs; {len(seeds)} seed(s); "
+            f"({DETECTOR}), model `{load_config(TrainConfig, ROOT / TRAIN_CONFIG).model.name}`, {args.epochs} epochs; {len(seeds)} seed(s); "
             f"{'mean ± std' if len(seeds) > 1 else 'single runs (no std with one seed)'} in %; chance: shape "
             "12.5, colour+shape 1.6, R@1 0.2 (image->text, 5 of 2,500 captions) and 0.2 (text->image).", ""]
     for noise in levels:
@@ -163,10 +199,12 @@ def main(argv: list[str] | None = None) -> dict:
     if args.ablation_noise in levels and not args.skip_ablation:
         text.append(markdown(f"Ablations at caption noise {args.ablation_noise}", part2,
                              "Part 2: SoftCLIP with one switch changed."))
+    text.append(entropy_markdown(entropy))
     args.out.mkdir(parents=True, exist_ok=True)
     payload = {"command": command.strip(), "seeds": seeds, "noise_levels": levels,
                "part1": {str(n): t for n, t in part1.items()},
                "part2": part2 if args.ablation_noise in levels and not args.skip_ablation else None,
+               "target_entropy": entropy,
                "seconds": round(time.perf_counter() - start, 1)}
     atomic_write_json(args.out / "study.json", payload)
     atomic_write_text(args.out / "study.md", "\n".join(text))
