@@ -30,7 +30,7 @@ from pipeline.io import atomic_write_json, atomic_write_text  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.shapes import ShapesConfig  # noqa: E402
 from train.config import TrainConfig  # noqa: E402
-from workflows.cache import ArtifactCache  # noqa: E402
+from workflows.cache import MARKER, ArtifactCache  # noqa: E402
 from workflows.config import DatasetStep, DetectorStep, EvalStep, ExtractStep, TrainStep, WorkflowConfig  # noqa: E402
 from workflows.runner import WorkflowRunner  # noqa: E402
 
@@ -124,10 +124,17 @@ def plot(part1: dict[float, dict], path: Path) -> None:
     plt.close(fig)
 
 
-def run_workflow(config: WorkflowConfig, cache: ArtifactCache) -> tuple[dict, dict[str, Path]]:
-    """Evaluation results per run, and each run's training folder (which holds its ``metrics.jsonl``)."""
+def run_workflow(config: WorkflowConfig, cache: ArtifactCache, compute: dict[str, tuple[str, float]]
+                 ) -> tuple[dict, dict[str, Path]]:
+    """Evaluation results per run, and each run's training folder (which holds its ``metrics.jsonl``).
+
+    ``compute`` collects ``key -> (stage, seconds)``: the wall time each artifact took when it was made, as
+    its ``artifact.json`` records it, so the study's cost is known even when it comes from the cache."""
     result = WorkflowRunner(config, cache=cache, log=print).run()
     payload = json.loads((result.report / "results.json").read_text())
+    for record in result.records:
+        if record.path is not None and (record.path / MARKER).is_file():
+            compute[record.key] = (record.stage, json.loads((record.path / MARKER).read_text())["seconds"])
     print(result.summary(), flush=True)
     return payload["results"], {r.name: r.path for r in result.records if r.stage == "train"}
 
@@ -177,23 +184,31 @@ def main(argv: list[str] | None = None) -> dict:
     cache = ArtifactCache(args.cache_dir)
     seeds = list(range(args.seeds))
     levels = [float(x) for x in args.noise.split(",")]
-    part1, entropy = {}, {}
+    part1, entropy, compute = {}, {}, {}
     for noise in levels:
         runs = dict(METHODS)
         if noise == args.ablation_noise and not args.skip_ablation:
             runs.update(VARIANTS)  # one workflow per noise level: the 0.4 one also holds the ablation
-        results, train_dirs = run_workflow(workflow(noise, runs, seeds, args), cache)
+        results, train_dirs = run_workflow(workflow(noise, runs, seeds, args), cache, compute)
         part1[noise] = summarise(results, list(METHODS), seeds)
         entropy[f"noise {noise}"] = target_entropy(train_dirs, ["label_smoothing", "softclip"], seeds)
         if noise == args.ablation_noise and not args.skip_ablation:
             part2 = summarise(results, list(VARIANTS), seeds)
             entropy[f"noise {noise}"] |= target_entropy(train_dirs, [v for v in VARIANTS if v != "softclip"], seeds)
     command = "python benchmarks/shapes_study.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    stage_seconds = collections.Counter()
+    for stage, seconds in compute.values():
+        stage_seconds[stage] += seconds
+    runs_trained = sum(stage == "train" for stage, _ in compute.values())
     text = [f"Command: `{command.strip()}`", "",
             f"Shapes world: {args.num_train} training pairs, the shipped shapes detector "
             f"({DETECTOR}), model `{load_config(TrainConfig, ROOT / TRAIN_CONFIG).model.name}`, {args.epochs} epochs; {len(seeds)} seed(s); "
             f"{'mean ± std' if len(seeds) > 1 else 'single runs (no std with one seed)'} in %; chance: shape "
-            "12.5, colour+shape 1.6, R@1 0.2 (image->text, 5 of 2,500 captions) and 0.2 (text->image).", ""]
+            "12.5, colour+shape 1.6, R@1 0.2 (image->text, 5 of 2,500 captions) and 0.2 (text->image).", "",
+            f"Cost: {runs_trained} training runs, {sum(stage_seconds.values()) / 60:.0f} min of compute in all "
+            "(the sum of the wall times its artifacts recorded when they were made: "
+            + ", ".join(f"{stage} {seconds / 60:.1f} min" for stage, seconds in sorted(stage_seconds.items()))
+            + f"); this invocation took {time.perf_counter() - start:.0f} s.", ""]
     for noise in levels:
         text.append(markdown(f"Caption noise {noise}", part1[noise], "Part 1: CLIP, label smoothing, SoftCLIP."))
     if args.ablation_noise in levels and not args.skip_ablation:
@@ -205,6 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
                "part1": {str(n): t for n, t in part1.items()},
                "part2": part2 if args.ablation_noise in levels and not args.skip_ablation else None,
                "target_entropy": entropy,
+               "compute_seconds": {stage: round(seconds, 1) for stage, seconds in sorted(stage_seconds.items())},
                "seconds": round(time.perf_counter() - start, 1)}
     atomic_write_json(args.out / "study.json", payload)
     atomic_write_text(args.out / "study.md", "\n".join(text))
