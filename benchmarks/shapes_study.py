@@ -79,7 +79,7 @@ def workflow(noise: float, runs: dict[str, list[str]], seeds: list[int], args) -
 
 
 def summarise(results: dict, runs: list[str], seeds: list[int]) -> dict[str, dict[str, dict[str, float]]]:
-    """``run -> metric -> {mean, std, n}`` over seeds, in percent."""
+    """``run -> metric -> {mean, std, n, per_seed}`` over seeds, in percent."""
     table = {}
     for name in runs:
         table[name] = {}
@@ -87,7 +87,7 @@ def summarise(results: dict, runs: list[str], seeds: list[int]) -> dict[str, dic
             values = [100 * results[f"{name}@seed{seed}"][task][key] for seed in seeds]
             table[name][metric] = {"mean": statistics.fmean(values),
                                    "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-                                   "n": len(values)}
+                                   "n": len(values), "per_seed": values}
     return table
 
 
