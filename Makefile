@@ -42,7 +42,7 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 # The speed benchmarks (JSON on stdout; see benchmarks/RESULTS.md). The shapes-world study is separate:
-# `make study` (about 2 hours on 2 cores; cached, so an interrupted study continues).
+# `make study` (57 training runs, about 1 h 50 min on 2 cores; cached, so an interrupted study continues).
 bench: setup
 	$(BIN)/python benchmarks/detector.py
 	$(BIN)/python benchmarks/extract_job.py --weights extract/weights/shapes/model.pth \
