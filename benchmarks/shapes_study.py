@@ -30,7 +30,7 @@ from pipeline.io import atomic_write_json, atomic_write_text  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.shapes import ShapesConfig  # noqa: E402
 from train.config import TrainConfig  # noqa: E402
-from workflows.cache import MARKER, ArtifactCache  # noqa: E402
+from workflows.cache import ArtifactCache  # noqa: E402
 from workflows.config import DatasetStep, DetectorStep, EvalStep, ExtractStep, TrainStep, WorkflowConfig  # noqa: E402
 from workflows.runner import WorkflowRunner  # noqa: E402
 
@@ -133,8 +133,8 @@ def run_workflow(config: WorkflowConfig, cache: ArtifactCache, compute: dict[str
     result = WorkflowRunner(config, cache=cache, log=print).run()
     payload = json.loads((result.report / "results.json").read_text())
     for record in result.records:
-        if record.path is not None and (record.path / MARKER).is_file():
-            compute[record.key] = (record.stage, json.loads((record.path / MARKER).read_text())["seconds"])
+        if record.path is not None:  # given datasets and detectors are not artifacts
+            compute[record.key] = (record.stage, cache.artifact(record.stage, record.key).record()["seconds"])
     print(result.summary(), flush=True)
     return payload["results"], {r.name: r.path for r in result.records if r.stage == "train"}
 
@@ -184,15 +184,14 @@ def main(argv: list[str] | None = None) -> dict:
     cache = ArtifactCache(args.cache_dir)
     seeds = list(range(args.seeds))
     levels = [float(x) for x in args.noise.split(",")]
-    part1, entropy, compute = {}, {}, {}
+    part1, part2, entropy, compute = {}, None, {}, {}
     for noise in levels:
-        runs = dict(METHODS)
-        if noise == args.ablation_noise and not args.skip_ablation:
-            runs.update(VARIANTS)  # one workflow per noise level: the 0.4 one also holds the ablation
+        ablate = noise == args.ablation_noise and not args.skip_ablation
+        runs = {**METHODS, **VARIANTS} if ablate else METHODS  # the ablation shares its noise level's workflow
         results, train_dirs = run_workflow(workflow(noise, runs, seeds, args), cache, compute)
         part1[noise] = summarise(results, list(METHODS), seeds)
         entropy[f"noise {noise}"] = target_entropy(train_dirs, ["label_smoothing", "softclip"], seeds)
-        if noise == args.ablation_noise and not args.skip_ablation:
+        if ablate:
             part2 = summarise(results, list(VARIANTS), seeds)
             entropy[f"noise {noise}"] |= target_entropy(train_dirs, [v for v in VARIANTS if v != "softclip"], seeds)
     command = "python benchmarks/shapes_study.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -211,14 +210,14 @@ def main(argv: list[str] | None = None) -> dict:
             + f"); this invocation took {time.perf_counter() - start:.0f} s.", ""]
     for noise in levels:
         text.append(markdown(f"Caption noise {noise}", part1[noise], "Part 1: CLIP, label smoothing, SoftCLIP."))
-    if args.ablation_noise in levels and not args.skip_ablation:
+    if part2 is not None:
         text.append(markdown(f"Ablations at caption noise {args.ablation_noise}", part2,
                              "Part 2: SoftCLIP with one switch changed."))
     text.append(entropy_markdown(entropy))
     args.out.mkdir(parents=True, exist_ok=True)
     payload = {"command": command.strip(), "seeds": seeds, "noise_levels": levels,
                "part1": {str(n): t for n, t in part1.items()},
-               "part2": part2 if args.ablation_noise in levels and not args.skip_ablation else None,
+               "part2": part2,
                "target_entropy": entropy,
                "compute_seconds": {stage: round(seconds, 1) for stage, seconds in sorted(stage_seconds.items())},
                "seconds": round(time.perf_counter() - start, 1)}
