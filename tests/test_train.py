@@ -54,7 +54,7 @@ def test_cosine_schedule_and_param_groups():
 def test_resume_continues_exactly(data_root, tmp_path):
     straight = train(_cfg(data_root, tmp_path / "a", "shapes-softclip", "optim.max_steps=4"))
     first = train(_cfg(data_root, tmp_path / "b", "shapes-softclip", "optim.max_steps=4",
-                       "log.checkpoint_every_n_steps=2"))
+                       "log.checkpoint_every_n_steps=2", "log.keep_checkpoints=0"))
     assert first.steps == straight.steps == 4
     resumed = train(_cfg(data_root, tmp_path / "b", "shapes-softclip", "optim.max_steps=4"),
                     resume=str(tmp_path / "b" / "checkpoints" / "step_0000002.pt"))

@@ -116,6 +116,15 @@ def test_cache_ls_and_gc(first_run, tmp_path):
     assert not stray.path.exists() and all(a.complete for a in ArtifactCache(cache).list())
 
 
+def test_artifact_size_counts_hard_links_once(tmp_path):
+    artifact = ArtifactCache(tmp_path).artifact("train", "1" * 16)
+    (artifact.path / "checkpoints").mkdir(parents=True)
+    (artifact.path / "checkpoints" / "step_0000001.pt").write_bytes(b"x" * 1000)
+    os.link(artifact.path / "checkpoints" / "step_0000001.pt", artifact.path / "checkpoints" / "latest.pt")
+    (artifact.path / "metrics.jsonl").write_bytes(b"y" * 10)
+    assert artifact.size_bytes() == 1010
+
+
 def test_a_killed_run_resumes(first_run, tmp_path):
     _, _, cache, _ = first_run
     path = _workflow(tmp_path, ["optim.max_steps=0", "optim.epochs=10", "optim.lr=3.0e-3"])  # 30 steps

@@ -1,7 +1,9 @@
 """Training checkpoints: plain dicts that ``torch.load(path, weights_only=True)`` reads.
 
-Layout of ``RUN_DIR/checkpoints/``: ``step_XXXXXXX.pt`` per checkpointed step and ``latest.pt``, always a
-complete copy of the newest one (both written atomically, ``latest.pt`` last). A checkpoint holds:
+Layout of ``RUN_DIR/checkpoints/``: ``step_XXXXXXX.pt`` per checkpointed step and ``latest.pt``, always the
+newest one (both written atomically, ``latest.pt`` last). ``latest.pt`` is a hard link to the newest step file,
+so it costs no disk space (a copy on file systems without hard links); deleting step files leaves it intact.
+A checkpoint holds:
 
 - ``state_dict``: the open_clip ``CLIP`` state dict in open_clip's own layout (what
   ``open_clip.create_model_and_transforms(model_name, pretrained=path)`` loads);
@@ -14,6 +16,8 @@ complete copy of the newest one (both written atomically, ``latest.pt`` last). A
 
 from __future__ import annotations
 
+import errno
+import os
 import random
 import shutil
 from pathlib import Path
@@ -63,11 +67,26 @@ def save_checkpoint(run_dir: str | Path, step: int, checkpoint: dict, *, keep: i
     with atomic_path(path) as tmp:
         torch.save(checkpoint, tmp)
     with atomic_path(path.parent / "latest.pt") as tmp:
-        shutil.copyfile(path, tmp)
+        _link_or_copy(path, tmp)
     if keep:
         for old in sorted(path.parent.glob("step_*.pt"))[:-keep]:
             old.unlink()
     return path
+
+
+# errno values of a file system that has no hard links (FAT, some FUSE and network mounts).
+_NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EMLINK}
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """Make ``target`` (replacing it) a hard link to ``source``, or a copy where links are not supported."""
+    target.unlink(missing_ok=True)
+    try:
+        os.link(source, target)
+    except OSError as error:
+        if error.errno not in _NO_HARD_LINKS:
+            raise
+        shutil.copyfile(source, target)
 
 
 def resolve_resume(resume: str, run_dir: str | Path) -> Path:

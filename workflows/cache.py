@@ -90,7 +90,9 @@ class Artifact:
         })
 
     def size_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
+        """Disk bytes of the artifact's files, hard links (``latest.pt``) counted once."""
+        stats = {(s.st_dev, s.st_ino): s.st_size for s in (p.stat() for p in self.path.rglob("*") if p.is_file())}
+        return sum(stats.values())
 
 
 class ArtifactCache:

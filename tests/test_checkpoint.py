@@ -1,0 +1,58 @@
+"""Checkpoint files: ``latest.pt`` is the newest step without a second copy on disk; ``keep`` prunes step files."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+import torch
+
+from train.checkpoint import resolve_resume, save_checkpoint
+
+
+def _save(run_dir, steps, **kwargs):
+    for step in steps:
+        save_checkpoint(run_dir, step, {"step": step, "weight": torch.full((4,), float(step))}, **kwargs)
+    return run_dir / "checkpoints"
+
+
+def test_latest_is_a_link_to_the_newest_step_file(tmp_path):
+    folder = _save(tmp_path, [1, 2])
+    assert sorted(p.name for p in folder.iterdir()) == ["latest.pt", "step_0000001.pt", "step_0000002.pt"]
+    assert os.path.samefile(folder / "latest.pt", folder / "step_0000002.pt")
+    assert torch.load(resolve_resume("latest", tmp_path), weights_only=True)["step"] == 2
+
+
+def test_keep_prunes_old_step_files_and_latest_survives(tmp_path):
+    folder = _save(tmp_path, [1, 2, 3], keep=1)
+    assert sorted(p.name for p in folder.iterdir()) == ["latest.pt", "step_0000003.pt"]
+    (folder / "step_0000003.pt").unlink()  # a user cleaning up step files does not lose latest.pt
+    assert torch.load(folder / "latest.pt", weights_only=True)["step"] == 3
+
+
+def test_resaving_a_step_replaces_latest(tmp_path):
+    folder = _save(tmp_path, [2])
+    save_checkpoint(tmp_path, 2, {"step": 2, "weight": torch.zeros(1)})
+    assert torch.equal(torch.load(folder / "latest.pt", weights_only=True)["weight"], torch.zeros(1))
+
+
+def test_file_systems_without_hard_links_get_a_copy(tmp_path, monkeypatch):
+    def no_links(source, target):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    folder = _save(tmp_path, [1, 2], keep=1)
+    assert not os.path.samefile(folder / "latest.pt", folder / "step_0000002.pt")
+    assert torch.load(folder / "latest.pt", weights_only=True)["step"] == 2
+
+
+def test_other_link_errors_are_raised_and_the_step_file_stays(tmp_path, monkeypatch):
+    def disk_full(source, target):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "link", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        _save(tmp_path, [1])
+    folder = tmp_path / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["step_0000001.pt"]
