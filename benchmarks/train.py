@@ -5,13 +5,19 @@ the data loader over a freshly generated shapes world (oracle annotation feature
 worker's first batch (steady state). With CUDA: RN50 at
 224 px, bf16 autocast, batch 256, 50 boxes of 2048-d features per image.
 
-    PYTHONPATH=. python benchmarks/train.py [--steps 10] [--rounds 3] [--data-samples 5000] [--workers 2]
+SoftCLIP and CLIP steps are interleaved one by one (S C S C ...) and each step is timed on its own, so a
+machine whose speed drifts (a shared CPU) slows both alike: samples/s come from the median step time, and
+``softclip_over_clip`` is the median over neighbouring pairs of CLIP's step time over SoftCLIP's, with the
+quartiles of those pair ratios beside it.
+
+    PYTHONPATH=. python benchmarks/train.py [--steps 40] [--data-samples 5000] [--workers 2]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -48,18 +54,21 @@ def _synthetic_batch(setting: dict, tokenizer) -> dict:
             "roi_mask": torch.rand(b, m, generator=gen) > 0.3}
 
 
-def _train_rate(model, loss_fn, batch, device, steps: int) -> float:
+def _paired_step_times(model, loss_fns: dict[str, SoftCLIPLoss], batch, device, steps: int) -> dict[str, list[float]]:
+    """Seconds of each optimizer step, per loss; the losses take turns step by step (each with its own
+    AdamW state on the same model) after one warm-up step each."""
     cfg = TrainConfig(run_dir=Path("unused"), model=ModelConfig(name="x"), data=DataConfig(train_shards="x"),
                       optim=OptimConfig(precision="bf16"))
-    optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-5)
-    train_step(model, loss_fn, optimizer, batch, cfg, device)  # warm-up
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        losses = train_step(model, loss_fn, optimizer, batch, cfg, device)
-    float(losses["loss"])  # waits for the device
-    return steps * batch["images"].shape[0] / (time.perf_counter() - start)
+    optimizers = {name: torch.optim.AdamW(param_groups(model, 0.1), lr=1e-5) for name in loss_fns}
+    times: dict[str, list[float]] = {name: [] for name in loss_fns}
+    for step in range(steps + 1):
+        for name, loss_fn in loss_fns.items():
+            start = time.perf_counter()
+            losses = train_step(model, loss_fn, optimizers[name], batch, cfg, device)
+            float(losses["loss"])  # waits for the device
+            if step:  # step 0 warms up
+                times[name].append(time.perf_counter() - start)
+    return times
 
 
 def _data_rate(setting: dict, preprocess, tokenizer, num_samples: int, workers: int) -> float:
@@ -81,8 +90,7 @@ def _data_rate(setting: dict, preprocess, tokenizer, num_samples: int, workers: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=3, help="alternating SoftCLIP/CLIP measurements")
+    parser.add_argument("--steps", type=int, default=40, help="timed optimizer steps of each loss")
     parser.add_argument("--data-samples", type=int, default=5000)
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
@@ -93,21 +101,21 @@ def main() -> None:
     model, preprocess, _, tokenizer = build_model(setting["model"])
     model.to(device)
     batch = _synthetic_batch(setting, tokenizer)
-    rates = {"softclip": [], "clip": []}
-    for _ in range(args.rounds):
-        rates["softclip"].append(_train_rate(model, SoftCLIPLoss(), batch, device, args.steps))
-        rates["clip"].append(_train_rate(model, SoftCLIPLoss(lam=0.0, mu=0.0), batch, device, args.steps))
-    softclip, clip = max(rates["softclip"]), max(rates["clip"])
+    times = _paired_step_times(model, {"softclip": SoftCLIPLoss(), "clip": SoftCLIPLoss(lam=0.0, mu=0.0)},
+                               batch, device, args.steps)
+    rate = {name: setting["batch"] / statistics.median(t) for name, t in times.items()}
+    pair_ratios = [c / s for s, c in zip(times["softclip"], times["clip"])]
+    quartiles = statistics.quantiles(pair_ratios, n=4)
     data_rate = _data_rate(_setting(False), *_cpu_transforms(), args.data_samples, args.workers)
     print(json.dumps({
         "device": torch.cuda.get_device_name() if cuda else "cpu", "torch_threads": torch.get_num_threads(),
         "model": setting["model"].name, "batch": setting["batch"], "image_size": setting["size"],
-        "precision": "bf16" if cuda else "fp32", "steps": args.steps, "rounds": args.rounds,
-        "softclip_samples_per_s": round(softclip, 1), "clip_samples_per_s": round(clip, 1),
-        "softclip_over_clip": round(softclip / clip, 3),
-        "all_rounds": {k: [round(r, 1) for r in v] for k, v in rates.items()},
+        "precision": "bf16" if cuda else "fp32", "steps": args.steps,
+        "softclip_samples_per_s": round(rate["softclip"], 1), "clip_samples_per_s": round(rate["clip"], 1),
+        "softclip_over_clip": round(statistics.median(pair_ratios), 3),
+        "softclip_over_clip_quartiles": [round(quartiles[0], 3), round(quartiles[2], 3)],
         "data_workers": args.workers, "data_samples_per_s": round(data_rate, 1),
-        "data_over_clip_train": round(data_rate / clip, 2),
+        "data_over_clip_train": round(data_rate / rate["clip"], 2),
     }))
 
 
