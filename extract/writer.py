@@ -3,7 +3,8 @@
 :class:`ShardAssembler` keeps, per input shard in flight, an open ``pyarrow.parquet.ParquetWriter`` on a
 temporary file beside the final name (``.tmp-00042.parquet.*``), appends a row group every
 ``row_group_size`` rows (so memory holds at most one row group per open shard, never a whole shard),
-drops rows it has already seen (a retried Ray task may deliver a row twice), and when the shard's
+drops rows it has already seen (a retried Ray task may deliver a row twice, even after its shard was
+committed), and when the shard's
 end-of-shard marker has arrived and every index ``0..n-1`` is in, closes the file, renames it into place
 (``os.replace``, atomic) and records it in the manifest. Files are kept open across batches, which is why
 this module renames by hand rather than through ``pipeline.io.atomic_path``; the naming is the same, so
@@ -13,7 +14,6 @@ a crashed run's leftovers are removed by :func:`remove_stale_temporaries`.
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from extract.actor import batch_to_records
 from extract.manifest import Manifest
 from extract.stages import error_reason
-from pipeline.io import file_sha256
+from pipeline.io import file_sha256, temporary_file_beside
 from pipeline.shards import FeatureRecord, feature_schema, records_to_table
 
 __all__ = ["IncompleteShardsError", "ShardAssembler", "feature_path", "remove_stale_temporaries"]
@@ -77,12 +77,11 @@ class ShardAssembler:
         self.duplicates = 0
         self._open: dict[str, _OpenShard] = {}
         self._failed: set[str] = set()
+        self._committed: set[str] = set()
 
     def _shard(self, name: str) -> _OpenShard:
         if name not in self._open:
-            fd, tmp = tempfile.mkstemp(prefix=f".tmp-{name}.parquet.", dir=self.out_dir)
-            os.close(fd)
-            self._open[name] = _OpenShard(name=name, tmp=Path(tmp))
+            self._open[name] = _OpenShard(name=name, tmp=temporary_file_beside(feature_path(self.out_dir, name)))
         return self._open[name]
 
     def add(self, batch: dict[str, np.ndarray]) -> tuple[int, list[str]]:
@@ -91,6 +90,9 @@ class ShardAssembler:
             self.feature_dim = int(batch["feature_dim"][0])
             self.manifest.set_detector(str(batch["detector"][0]), self.feature_dim)
         for i in np.flatnonzero(np.asarray(batch["index"]) < 0):  # end-of-shard markers
+            if str(batch["shard"][i]) in self._committed:
+                self.duplicates += 1
+                continue
             shard = self._shard(str(batch["shard"][i]))
             if batch["shard_error"][i]:
                 self._fail(shard, str(batch["shard_error"][i]))
@@ -100,6 +102,9 @@ class ShardAssembler:
         for record, index in zip(batch_to_records(batch, self.feature_dim or 0),
                                  np.asarray(batch["index"])[np.asarray(batch["index"]) >= 0]):
             if record.shard in self._failed:
+                continue
+            if record.shard in self._committed:
+                self.duplicates += 1
                 continue
             shard = self._shard(record.shard)
             if int(index) in shard.seen:
@@ -114,6 +119,7 @@ class ShardAssembler:
         done = [name for name, shard in self._open.items() if shard.complete]
         for name in done:
             self._commit(self._open.pop(name))
+            self._committed.add(name)
         return added, done
 
     @staticmethod

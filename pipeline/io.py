@@ -1,7 +1,8 @@
 """Atomic file writes: a temporary file in the same folder, then ``os.replace``.
 
-A reader never sees a half-written file, and a crash leaves at worst a ``.tmp-*`` file that the next run
-overwrites or ignores.
+A reader never sees a half-written file, and a crash leaves at worst a ``.tmp-*`` file that readers
+ignore (the extraction job deletes its own on the next run). Files get the permissions a plain ``open``
+would give them (``0o666`` less the umask), not ``mkstemp``'s owner-only ``0o600``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,20 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "file_sha256"]
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "file_sha256",
+           "temporary_file_beside"]
+
+_UMASK = os.umask(0)  # read once at import (os.umask can only be read by setting it) ...
+os.umask(_UMASK)  # ... and put back at once
+
+
+def temporary_file_beside(path: Path, prefix: str | None = None) -> Path:
+    """Create an empty ``.tmp-<name>.*`` file in ``path``'s folder (made if missing), mode ``0o666 & ~umask``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=prefix or f".tmp-{path.name}.", dir=path.parent)
+    os.close(fd)
+    os.chmod(tmp_name, 0o666 & ~_UMASK)
+    return Path(tmp_name)
 
 
 @contextlib.contextmanager
@@ -28,10 +42,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             pq.write_table(table, tmp)
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = temporary_file_beside(path)
     try:
         yield tmp
         os.replace(tmp, path)

@@ -92,6 +92,8 @@ def _make_sample(key: str, shard: str, members: dict[str, bytes], error: str | N
             meta = json.loads(members["json"])
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             error = error or f"unreadable json member: {err}"
+        if not isinstance(meta, dict):
+            meta, error = {}, error or f"json member is a {type(meta).__name__}, not an object"
     image = next((members[ext] for ext in IMAGE_EXTENSIONS if ext in members), None)
     caption = members["txt"].decode("utf-8", errors="replace") if "txt" in members else meta.get("caption")
     return Sample(key=key, shard=shard, image=image, caption=caption, meta=meta, error=error)
@@ -123,14 +125,30 @@ def _iter_tar(shard: SourceShard) -> Iterator[Sample]:
             return
         if key is not None:
             yield _make_sample(key, shard.name, members)
+        cut = _end_of_archive_missing(tar)
+        if cut is not None:  # tarfile ends quietly at a cut-off or garbled header: say so as an error row
+            yield Sample(key=f"truncated_at_byte_{cut}", shard=shard.name, image=None, caption=None, meta={},
+                         error=f"truncated tar: {shard.path} has no end-of-archive block at byte {cut}, after "
+                               "its last complete member; the samples after it are lost (re-create this shard)")
+
+
+def _end_of_archive_missing(tar: tarfile.TarFile) -> int | None:
+    """The offset where ``tar``'s iteration stopped when no zero block (tar's end-of-archive marker) is there."""
+    tar.fileobj.seek(tar.offset)
+    block = tar.fileobj.read(tarfile.BLOCKSIZE)
+    return None if len(block) == tarfile.BLOCKSIZE and not block.strip(b"\0") else tar.offset
 
 
 def _iter_folder_rows(shard: SourceShard, captions: pl.DataFrame, image_root: Path) -> Iterator[Sample]:
     start, stop = shard.rows
     for row in captions.slice(start, stop - start).iter_rows(named=True):
-        image_path = image_root / row["image"]
         meta = {k: v for k, v in row.items() if k not in ("image", "caption", "key")}
         meta["image"] = row["image"]
+        if not row["image"]:
+            yield Sample(key=row["key"], shard=shard.name, image=None, caption=row["caption"], meta=meta,
+                         error=f"row {row['key']} of {shard.path} has no image path")
+            continue
+        image_path = image_root / row["image"]
         try:
             image, error = image_path.read_bytes(), None
         except OSError as err:
@@ -155,7 +173,12 @@ def _read_captions(path: Path) -> pl.DataFrame:
     frame = frame.rename({image_col: "image", caption_col: "caption"})
     if "key" not in frame.columns:
         frame = frame.with_row_index("key").with_columns(pl.col("key").cast(pl.String).str.zfill(9))
-    return frame.with_columns(pl.col("key").cast(pl.String))
+    frame = frame.with_columns(pl.col("key").cast(pl.String))
+    dotted = frame.filter(pl.col("key").str.contains(".", literal=True))["key"]
+    if len(dotted):
+        raise SourceError(f"{path}: {len(dotted)} keys contain '.' (e.g. {dotted[0]!r}); WebDataset shards split "
+                          "member names at the first dot of the key, so rename them or drop the key column")
+    return frame
 
 
 def _folder_source(spec: str, captions_path: Path, image_root: Path, samples_per_shard: int) -> Source:
@@ -197,4 +220,9 @@ def open_source(spec: str | Path, *, samples_per_shard: int = 10_000) -> Source:
         raise SourceError(f"{spec}: no such dataset (expected a directory of .tar shards, a brace pattern, "
                           "a .tar file, or a captions .csv/.jsonl/.parquet file)")
     shards = tuple(SourceShard(name=p.name.removesuffix(".tar"), path=p) for p in tars)
+    first: dict[str, Path] = {}
+    for shard in shards:
+        if first.setdefault(shard.name, shard.path) != shard.path:
+            raise SourceError(f"{spec}: two shards are named {shard.name} ({first[shard.name]} and {shard.path}); "
+                              "shard names key the extracted shards, so each file name must appear once")
     return Source(spec=spec, kind="webdataset", shards=shards)

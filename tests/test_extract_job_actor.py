@@ -206,8 +206,13 @@ def test_assembler_drops_duplicates_and_waits_for_the_marker(tmp_path, bad_sourc
     assert assembler.add(rest) == (2, ["00003"]) and assembler.duplicates == 1
     table = read_feature_table(cfg.out / "00003.parquet")
     assert sorted(table.column("key").to_pylist()) == [str(k) for k in out["key"][:4]]
-    assembler.add({k: v[[0]] for k, v in out.items()})
-    with pytest.raises(IncompleteShardsError):
+    committed = (cfg.out / "00003.parquet").read_bytes()
+    assert assembler.add({k: v[[0, 4]] for k, v in out.items()}) == (0, [])  # row 0 and the marker again
+    assert assembler.duplicates == 3 and (cfg.out / "00003.parquet").read_bytes() == committed
+    assembler.close()  # nothing left open
+    rows_of_another_shard = {k: v[[0]] for k, v in out.items()} | {"shard": np.array(["00009"], dtype=object)}
+    assembler.add(rows_of_another_shard)
+    with pytest.raises(IncompleteShardsError, match="00009"):
         assembler.close()
     assert not list(cfg.out.glob(".tmp-*"))
 

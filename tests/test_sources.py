@@ -110,3 +110,62 @@ def test_copied_dataset_is_independent_of_location(shapes_world, tmp_path):
     shutil.copytree(shapes_world / "train", tmp_path / "copy")
     assert [s.key for s in _all(open_source(tmp_path / "copy"))] == [
         s.key for s in _all(open_source(shapes_world / "train"))]
+
+
+def test_shard_cut_at_a_member_header_ends_with_an_error_row(shapes_world, tmp_path):
+    data = (shapes_world / "train/00000.tar").read_bytes()
+    import tarfile
+
+    with tarfile.open(shapes_world / "train/00000.tar") as tar:
+        offsets = [m.offset for m in tar.getmembers()]
+    cut = offsets[len(offsets) // 2]  # exactly at a header: tarfile itself stops without an error
+    with tarfile.open(shapes_world / "train/00000.tar") as tar:
+        key_at_cut = tar.getmembers()[len(offsets) // 2].name.partition(".")[0]
+    (tmp_path / "00000.tar").write_bytes(data[:cut] + b"\x07" * 100)
+    samples = _all(open_source(tmp_path))
+    assert samples[-1].error and "truncated tar" in samples[-1].error and str(cut) in samples[-1].error
+    assert samples[-1].image is None and "." not in samples[-1].key
+    good = samples[:-1]
+    assert good and all(s.key < key_at_cut or s.error for s in good)
+    (tmp_path / "00000.tar").write_bytes(data[:cut])
+    assert "truncated tar" in _all(open_source(tmp_path))[-1].error
+
+
+def test_complete_shards_have_no_truncation_row(shapes_world):
+    assert all(s.error is None for s in _all(open_source(shapes_world / "train")))
+
+
+def test_brace_pattern_with_two_shards_of_one_name(shapes_world, tmp_path):
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        shutil.copy(shapes_world / "train/00000.tar", tmp_path / folder / "00000.tar")
+    with pytest.raises(SourceError, match="two shards are named 00000"):
+        open_source(f"{tmp_path}/{{a,b}}/00000.tar")
+
+
+def test_malformed_rows_become_error_samples(tmp_path):
+    pl.DataFrame({"file": ["a.png", None], "text": ["x", "y"]}).write_csv(tmp_path / "captions.csv")
+    (tmp_path / "a.png").write_bytes(_png((1, 2, 3)))
+    samples = _all(open_source(tmp_path))
+    assert samples[0].error is None and "has no image path" in samples[1].error
+    with ShardWriter(tmp_path / "tars", 0) as shard:
+        shard.write(_png((1, 2, 3)), caption="ok", width=8, height=8)
+    import tarfile
+
+    path = tmp_path / "tars" / "00000.tar"
+    with tarfile.open(path) as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            data = b"[1]" if name.endswith(".json") else data
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    (sample,) = _all(open_source(tmp_path / "tars"))
+    assert "not an object" in sample.error
+
+
+def test_captions_keys_with_dots_are_refused(tmp_path):
+    pl.DataFrame({"key": ["img.001"], "file": ["a.png"], "text": ["x"]}).write_csv(tmp_path / "captions.csv")
+    with pytest.raises(SourceError, match="img.001"):
+        open_source(tmp_path)
