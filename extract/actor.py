@@ -140,10 +140,10 @@ def _actor_device(cfg: ExtractConfig) -> str:
 class DetectorActor:
     """Ray Data callable class: decoded rows in, feature rows out (see the module docstring).
 
-    Example (no Ray needed)::
+    Example (no Ray needed; ``batch`` holds the columns :data:`extract.stages.ROW_COLUMNS` of rows from
+    :func:`extract.stages.read_shard_rows`, as ``map_batches`` hands them over)::
 
-        actor = DetectorActor(cfg)
-        features = actor(decode_batch(rows, max_pixels=cfg.max_pixels, require_caption=True))
+        features = DetectorActor(cfg)(batch)  # columns: FEATURE_COLUMNS
     """
 
     def __init__(self, cfg: ExtractConfig):

@@ -67,14 +67,17 @@ def detect_command(
     device: str = typer.Option("cpu", "--device"),
 ) -> None:
     """Detect objects and attributes; prints boxes, scores and "attribute class" tags."""
-    from pipeline.images import decode_image
+    from pipeline.images import ImageDecodeError, decode_image
 
     detector = _load(weights, labelmap, config, overrides, device)
     decoded = []
     for path in images:
         if not path.is_file():
             raise typer.BadParameter(f"image not found: {path}")
-        decoded.append(decode_image(path.read_bytes()))
+        try:
+            decoded.append(decode_image(path.read_bytes()))
+        except ImageDecodeError as err:
+            raise typer.BadParameter(f"{path}: {err}") from err
     results = detector.detect(decoded)
     for path, result in zip(images, results):
         if as_json:

@@ -17,10 +17,11 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from PIL import Image
 from tqdm import tqdm
 
 from extract.vinvl import VinVLDetector
-from pipeline.images import decode_image
+from pipeline.images import ImageDecodeError, decode_image
 
 __all__ = ["evaluate_tags", "load_eval_set", "predicted_tags"]
 
@@ -31,11 +32,21 @@ def load_eval_set(data_dir: str | Path) -> list[tuple[Path, list[dict]]]:
     path = root / "dataset_karpathy.json"
     if not path.is_file():
         raise FileNotFoundError(f"eval annotations not found: {path}; generate the shapes world first")
-    images = json.loads(path.read_text()).get("images", [])
+    try:
+        images = json.loads(path.read_text()).get("images", [])
+    except (json.JSONDecodeError, AttributeError) as err:
+        raise ValueError(f"{path}: not a Karpathy-layout annotation file ({err})") from err
     missing = [im.get("filename") for im in images if "objects" not in im]
     if missing:
         raise ValueError(f"{path}: {len(missing)} image(s) have no 'objects' annotations, e.g. {missing[0]}")
     return [(root / im["filepath"] / im["filename"], im["objects"]) for im in images]
+
+
+def _decode(path: Path) -> Image.Image:
+    try:
+        return decode_image(path.read_bytes())
+    except ImageDecodeError as err:
+        raise ValueError(f"{path}: {err}") from err
 
 
 def predicted_tags(result: dict, colours: set[str]) -> list[tuple[str, str]]:
@@ -60,7 +71,7 @@ def evaluate_tags(detector: VinVLDetector, data_dir: str | Path, *, colours: tup
     start = time.perf_counter()
     for i in tqdm(range(0, len(samples), batch_size), desc="detector eval", unit="batch", disable=not progress):
         chunk = samples[i : i + batch_size]
-        results = detector.detect([decode_image(path.read_bytes()) for path, _ in chunk])
+        results = detector.detect([_decode(path) for path, _ in chunk])
         for (_, objects), result in zip(chunk, results):
             pred = Counter(predicted_tags(result, colour_set))
             truth = Counter((o["colour"], o["shape"]) for o in objects)

@@ -31,7 +31,7 @@ from extract.losses import attribute_loss, fastrcnn_loss, rpn_loss, sample_propo
 from extract.postprocess import rpn_proposals
 from extract.vinvl import BOX_REG_WEIGHTS, VinVLDetector
 from pipeline.config import save_config
-from pipeline.images import decode_image
+from pipeline.images import ImageDecodeError, decode_image
 
 __all__ = ["AnnotatedImage", "load_annotated_tars", "shapes_vocabulary", "train_detector", "training_losses"]
 
@@ -85,9 +85,12 @@ def load_annotated_tars(data_dir: str | Path, class_names: list[str], attribute_
                     members.setdefault(key, {})[ext] = tar.extractfile(info).read()
         for key, files in sorted(members.items()):
             if "jpg" in files and "json" in files:
-                meta = json.loads(files["json"])
-                samples.append(annotate(decode_image(files["jpg"]), meta.get("objects", []), class_names,
-                                        attribute_names, f"{path}:{key}"))
+                try:
+                    meta, image = json.loads(files["json"]), decode_image(files["jpg"])
+                except (json.JSONDecodeError, ImageDecodeError) as err:
+                    raise ValueError(f"{path}:{key}: unreadable training sample ({err})") from err
+                samples.append(annotate(image, meta.get("objects", []), class_names, attribute_names,
+                                        f"{path}:{key}"))
     return samples
 
 

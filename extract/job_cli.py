@@ -35,7 +35,7 @@ def load_extract_config(path: str | Path, *, dataset: str, weights: str | Path, 
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of settings at the top level")
     data.update(dataset=str(dataset), weights=str(weights), labelmap=str(labelmap), out=str(out))
-    return apply_overrides(from_dict(ExtractConfig, data, source=str(path)), list(overrides), source=str(path))
+    return apply_overrides(from_dict(ExtractConfig, data, source=str(path)), list(overrides), source="--set")
 
 
 def extract(

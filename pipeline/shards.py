@@ -29,6 +29,7 @@ from pipeline.io import atomic_path
 
 __all__ = [
     "SCHEMA_VERSION",
+    "CorruptShardError",
     "FeatureRecord",
     "RaggedColumn",
     "SchemaVersionError",
@@ -58,6 +59,10 @@ _NPY_MEMBERS = {"boxes": "boxes.npy", "geometry": "geometry.npy", "roi_features"
 
 class SchemaVersionError(ValueError):
     """A shard was written with a schema version this reader does not understand."""
+
+
+class CorruptShardError(ValueError):
+    """A feature shard (Parquet file or WebDataset sample) is damaged or incomplete."""
 
 
 def shard_name(index: int) -> str:
@@ -213,8 +218,15 @@ def read_feature_table(path: str | Path, columns: list[str] | None = None) -> pa
     """Read a Parquet feature shard as an Arrow table, checking its schema version."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"feature shard not found: {path}")
-    _check_version(pq.read_schema(path).metadata, path)
-    return pq.read_table(path, columns=columns)
+    try:
+        schema = pq.read_schema(path)
+    except (pa.ArrowException, OSError) as err:
+        raise CorruptShardError(f"{path}: not a readable Parquet feature shard ({err}); re-extract it") from err
+    _check_version(schema.metadata, path)
+    try:
+        return pq.read_table(path, columns=columns)
+    except (pa.ArrowException, OSError) as err:
+        raise CorruptShardError(f"{path}: feature shard is damaged ({err}); re-extract it") from err
 
 
 def read_feature_frame(path: str | Path, columns: list[str] | None = None) -> pl.DataFrame:
@@ -293,12 +305,17 @@ def write_webdataset_shard(path: str | Path, records: Iterable[FeatureRecord],
 def sample_to_record(sample: dict[str, bytes | str], source: str = "<sample>") -> FeatureRecord:
     """Turn one WebDataset sample (suffix -> raw bytes, as ``webdataset`` or :func:`read_webdataset_shard`
     yields it) back into a :class:`FeatureRecord`, checking the schema version."""
+    if "json" not in sample:
+        raise CorruptShardError(f"{source}: a sample lacks its json member")
     meta = json.loads(sample["json"])
     version = meta.pop("schema_version", None)
     if version != SCHEMA_VERSION:
         raise SchemaVersionError(f"{source}: sample {meta.get('key')} has schema version {version}, "
                                  f"this softclip reads version {SCHEMA_VERSION}")
     meta.pop("num_boxes", None)
+    missing = [suffix for suffix in _NPY_MEMBERS.values() if suffix not in sample]
+    if missing:
+        raise CorruptShardError(f"{source}: sample {meta.get('key')} lacks its {', '.join(missing)} member(s)")
     arrays = {field: np.load(io.BytesIO(sample[suffix]), allow_pickle=False)
               for field, suffix in _NPY_MEMBERS.items()}
     return FeatureRecord(**meta, **arrays)

@@ -74,6 +74,10 @@ def test_eval_and_detect_commands(trained: tuple[Path, Path], tmp_path: Path) ->
     assert "tags:" in result.output and drawn.is_file()
     result = CliRunner().invoke(_app(), ["detect", str(image), *common, "--json", "--set", "bogus=1"])
     assert result.exit_code != 0 and "bogus" in str(result.exception)
+    not_an_image = tmp_path / "notes.jpg"
+    not_an_image.write_bytes(b"plain text, not a JPEG")
+    result = CliRunner().invoke(_app(), ["detect", str(not_an_image), *common])
+    assert result.exit_code != 0 and "notes.jpg" in result.output + str(result.exception)
 
 
 def test_attribute_loss_is_soft_target_cross_entropy() -> None:

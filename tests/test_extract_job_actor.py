@@ -14,13 +14,13 @@ import pytest
 import torch
 from PIL import Image
 
-from extract.actor import DetectorActor, batch_to_records, detection_to_record
+from extract.actor import FEATURE_COLUMNS, DetectorActor, batch_to_records, detection_to_record
 from extract.checkpoint import write_checkpoint, write_labelmap
 from extract.detector_config import DetectorArch, DetectorConfig
 from extract.job import fingerprint, resolve_dataset_spec
 from extract.job_config import ExtractConfig
 from extract.manifest import Manifest, ManifestMismatchError
-from extract.stages import read_shard_rows
+from extract.stages import ROW_COLUMNS, read_shard_rows
 from extract.vinvl import VinVLDetector
 from extract.writer import IncompleteShardsError, ShardAssembler
 from pipeline.img2dataset import ShardWriter
@@ -197,6 +197,7 @@ def test_assembler_drops_duplicates_and_waits_for_the_marker(tmp_path, bad_sourc
     rows = list(read_shard_rows({"spec": str(bad_source), "shard": "00003"}, max_pixels=cfg.max_pixels,
                                 require_caption=True))
     out = actor(_rows_batch(rows))
+    assert all(set(row) == set(ROW_COLUMNS) for row in rows) and set(out) == set(FEATURE_COLUMNS)
     manifest = Manifest.open(cfg.out, {"dataset": "x"})
     cfg.out.mkdir(parents=True)
     assembler = ShardAssembler(cfg.out, manifest, row_group_size=2)

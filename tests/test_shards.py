@@ -5,6 +5,7 @@ import webdataset as wds
 
 from pipeline.shards import (
     SCHEMA_VERSION,
+    CorruptShardError,
     FeatureRecord,
     SchemaVersionError,
     box_geometry,
@@ -79,6 +80,19 @@ def test_webdataset_round_trip_with_zero_box_rows(tmp_path, records):
     raw = list(wds.WebDataset(str(path), shardshuffle=False))
     assert [s["__key__"] for s in raw] == [r.key for r in records]
     _assert_same(records[2], sample_to_record(raw[2]))
+
+
+def test_damaged_shards_are_errors_naming_the_file(tmp_path, records):
+    path = write_parquet_shard(tmp_path / "00000.parquet", records, feature_dim=DIM)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CorruptShardError, match="00000.parquet.*re-extract"):
+        read_feature_table(path)
+    sample = dict(next(iter(wds.WebDataset(str(write_webdataset_shard(tmp_path / "00000.tar", records)),
+                                            shardshuffle=False))))
+    del sample["roi.npy"]
+    with pytest.raises(CorruptShardError, match="shard.tar: sample .* lacks its roi.npy"):
+        sample_to_record(sample, "shard.tar")
 
 
 def test_ragged_columns_are_flat_arrays(tmp_path, records):
