@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pickle
 import re
 import tempfile
 from pathlib import Path
@@ -38,7 +39,11 @@ def read_checkpoint_metadata(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist; pass the path of a saved .pt file")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError) as err:
+        raise ValueError(f"{path}: not a readable torch checkpoint (truncated or not saved by torch.save?): "
+                         f"{err}") from err
     if not isinstance(checkpoint, dict):
         raise ValueError(f"{path}: expected a dict (a state dict or {{'state_dict': ...}}), got {type(checkpoint)}")
     return {key: checkpoint[key] for key in ("model_name", "model_config") if key in checkpoint}

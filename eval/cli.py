@@ -34,7 +34,10 @@ def build_config(
     if config is not None:
         if not config.is_file():
             raise FileNotFoundError(f"config file not found: {config}")
-        data = yaml.safe_load(config.read_text()) or {}
+        try:
+            data = yaml.safe_load(config.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{config}: not valid YAML: {err}") from err
         if not isinstance(data, dict):
             raise ConfigError(f"{config}: expected a mapping at the top level")
         source = f"{config} + command line"

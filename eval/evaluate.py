@@ -9,6 +9,7 @@ then for each checkpoint embeds each task's images and texts (:mod:`eval.embed`)
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import re
@@ -23,6 +24,7 @@ from eval.datasets import (
     TASKS,
     ClassificationSet,
     ImageFiles,
+    MissingDatasetError,
     RetrievalSet,
     expand_tasks,
     load_classification_set,
@@ -34,7 +36,7 @@ from eval.report import write_report
 from eval.retrieval import retrieval_metrics
 from eval.zeroshot import classification_metrics
 from pipeline.config import save_config, to_dict
-from pipeline.io import atomic_write_json
+from pipeline.io import atomic_write_json, file_sha256
 
 __all__ = ["EvalConfig", "checkpoint_labels", "evaluate_model", "run_eval"]
 
@@ -59,7 +61,8 @@ class EvalConfig:
         amp: bf16 autocast on CUDA (no effect on CPU).
         split: the Karpathy split evaluated for retrieval tasks.
         reuse: keep a task's metrics from an earlier run into the same ``out`` when the checkpoint file
-            (path, size, mtime), the task folder and these settings are unchanged.
+            (path, size, mtime), the task's files (annotation bytes; each image's size and mtime), the
+            device, the precision and these settings are unchanged.
     """
 
     checkpoints: tuple[Path, ...]
@@ -149,22 +152,50 @@ def _load_datasets(cfg: EvalConfig) -> tuple[dict[str, ClassificationSet | Retri
     return datasets, directories
 
 
-def _task_key(cfg: EvalConfig, checkpoint: Path, directory: Path) -> dict[str, Any]:
+def _task_data_key(task: str, directory: Path, data: ClassificationSet | RetrievalSet, cfg: EvalConfig,
+                   device: torch.device) -> dict[str, Any]:
+    """The checkpoint-independent part of a task's cache key: the folder, a fingerprint of its files
+    (annotation SHA-256; count, sizes and mtimes of the listed images), the split, device and precision."""
+    annotation = Path(directory) / TASKS[task].annotation if TASKS[task].annotation else None
+    images = hashlib.sha256()
+    for path in data.files:
+        try:
+            stat = path.stat()
+        except FileNotFoundError as err:
+            raise MissingDatasetError(f"task '{task}': image {path} listed in {directory} does not exist") from err
+        images.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    precision = "bf16-autocast" if cfg.amp and device.type == "cuda" else "fp32"
+    return {"task_dir": str(Path(directory).resolve()), "split": cfg.split, "device": str(device),
+            "precision": precision, "annotation_sha256": file_sha256(annotation) if annotation else None,
+            "num_images": len(data.files), "images_sha256": images.hexdigest()}
+
+
+def _task_key(cfg: EvalConfig, checkpoint: Path, data_key: dict[str, Any]) -> dict[str, Any]:
     """What a cached task result depends on; a rerun recomputes the task when any of it changes."""
     stat = Path(checkpoint).stat()
     return {"checkpoint": str(Path(checkpoint).resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-            "model_name": cfg.model_name, "task_dir": str(Path(directory).resolve()), "split": cfg.split,
-            "amp": cfg.amp}
+            "model_name": cfg.model_name, **data_key}
+
+
+def _read_cache(path: Path) -> dict[str, Any]:
+    """An earlier run's ``per_checkpoint/<label>.json``; a damaged one is an error naming it."""
+    try:
+        cache = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: unreadable evaluation cache ({err}); delete it or set reuse=false") from err
+    if not isinstance(cache, dict) or not isinstance(cache.get("tasks"), dict):
+        raise ValueError(f"{path}: not an evaluation cache (no 'tasks' object); delete it or set reuse=false")
+    return cache
 
 
 def _evaluate_with_cache(cfg: EvalConfig, label: str, checkpoint: Path, device: torch.device,
                          datasets: dict[str, ClassificationSet | RetrievalSet],
-                         directories: dict[str, Path]) -> tuple[dict[str, Any], str]:
+                         data_keys: dict[str, dict[str, Any]]) -> tuple[dict[str, Any], str]:
     """Metrics of one checkpoint on every task, reusing ``out/per_checkpoint/<label>.json`` entries whose
     key matches (a rerun after a crash or with more tasks only computes what is missing)."""
     cache_path = Path(cfg.out) / "per_checkpoint" / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', label)}.json"
-    cache = json.loads(cache_path.read_text()) if cfg.reuse and cache_path.is_file() else {"tasks": {}}
-    keys = {task: _task_key(cfg, checkpoint, directories[task]) for task in datasets}
+    cache = _read_cache(cache_path) if cfg.reuse and cache_path.is_file() else {"tasks": {}}
+    keys = {task: _task_key(cfg, checkpoint, data_keys[task]) for task in datasets}
     todo = {task: data for task, data in datasets.items() if cache["tasks"].get(task, {}).get("key") != keys[task]}
     if todo:
         loaded = load_open_clip_checkpoint(checkpoint, model_name=cfg.model_name, device=device)
@@ -192,7 +223,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     """Evaluate every checkpoint on every task, write the reports into ``cfg.out``, return the payload.
 
     Raises:
-        MissingDatasetError: a task folder is missing (before any model is loaded).
+        MissingDatasetError: a task folder, or an image it lists, is missing (before any model is loaded).
         FileNotFoundError / ValueError: a checkpoint is missing or names no usable architecture.
     """
     labels = list(cfg.labels) or checkpoint_labels(cfg.checkpoints)
@@ -201,10 +232,11 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         raise FileNotFoundError(f"checkpoint(s) not found: {', '.join(missing)}")
     datasets, directories = _load_datasets(cfg)
     device = pick_device(cfg.device)
+    data_keys = {task: _task_data_key(task, directories[task], data, cfg, device) for task, data in datasets.items()}
     results, info, seconds = {}, [], {}
     for label, path in zip(labels, cfg.checkpoints):
         start = time.perf_counter()
-        results[label], model_name = _evaluate_with_cache(cfg, label, path, device, datasets, directories)
+        results[label], model_name = _evaluate_with_cache(cfg, label, path, device, datasets, data_keys)
         seconds[label] = round(time.perf_counter() - start, 2)
         info.append({"label": label, "path": str(path), "model_name": model_name})
         log.info("evaluated %s (%s) in %.1f s", label, path, seconds[label])

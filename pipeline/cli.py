@@ -61,14 +61,14 @@ def build_app() -> typer.Typer:
 def main() -> None:
     """Entry point of the ``softclip`` console script.
 
-    User errors (a bad config key, a missing file, an unreadable shard: ``ValueError`` and
-    ``FileNotFoundError`` subclasses) print one line and exit with status 2; ``SOFTCLIP_DEBUG=1`` shows
-    the traceback instead.
+    User errors (a bad config key, a missing file, an output folder that holds something else, an
+    unreadable shard: ``ValueError``, ``FileNotFoundError`` and ``FileExistsError`` subclasses) print one
+    line and exit with status 2; ``SOFTCLIP_DEBUG=1`` shows the traceback instead.
     """
     app = build_app()
     try:
         app()
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
         if os.environ.get("SOFTCLIP_DEBUG"):
             raise
         typer.echo(f"softclip: error: {err}", err=True)

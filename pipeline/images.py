@@ -7,6 +7,7 @@ Every stage decodes through :func:`decode_image`, so they agree on EXIF orientat
 from __future__ import annotations
 
 import io
+import re
 import warnings
 
 import numpy as np
@@ -18,14 +19,34 @@ __all__ = ["DEFAULT_MAX_PIXELS", "ERROR_REASONS", "ImageDecodeError", "decode_im
 # from the header before any pixel is decoded.
 DEFAULT_MAX_PIXELS = 64_000_000
 ERROR_REASONS = ("empty", "corrupt", "truncated", "too_large")
+_REASONS = "|".join(ERROR_REASONS)
+_OWN_MESSAGE = re.compile(rf"({_REASONS}): (.*)", re.S)
+_TRACEBACK_LINE = re.compile(rf"ImageDecodeError: ({_REASONS}): (.*)$", re.M)
 
 
 class ImageDecodeError(ValueError):
-    """An image could not be decoded. ``reason`` is one of :data:`ERROR_REASONS`."""
+    """An image could not be decoded. ``reason`` is one of :data:`ERROR_REASONS`.
 
-    def __init__(self, reason: str, detail: str):
-        assert reason in ERROR_REASONS, reason
-        super().__init__(f"{reason}: {detail}")
+    Built as ``ImageDecodeError(reason, detail)``; the one-argument form ``ImageDecodeError(message)``
+    takes a message holding ``"<reason>: <detail>"`` (its own ``str``, or the worker traceback text that
+    PyTorch's ``DataLoader`` passes when it re-raises a worker's error), so the error survives pickling
+    and ``num_workers > 0`` as an :class:`ImageDecodeError` rather than a ``RuntimeError``.
+    """
+
+    def __init__(self, reason: str, detail: str | None = None):
+        if detail is None:
+            message = reason
+            own = _OWN_MESSAGE.fullmatch(message)
+            found = own.groups() if own else (_TRACEBACK_LINE.findall(message) or [None])[-1]
+            if found is None:
+                raise TypeError(f"ImageDecodeError(message): no '<reason>: <detail>' with a reason in "
+                                f"{ERROR_REASONS} in {message!r}")
+            reason, detail = found
+        else:
+            if reason not in ERROR_REASONS:
+                raise ValueError(f"ImageDecodeError: unknown reason {reason!r} (known: {ERROR_REASONS})")
+            message = f"{reason}: {detail}"
+        super().__init__(message)
         self.reason = reason
         self.detail = detail
 

@@ -13,6 +13,10 @@ Layout written by :func:`generate`::
     OUT/eval/retrieval/dataset_karpathy.json + images/*.jpg       (MS-COCO Karpathy layout)
     OUT/eval/classification/{shape,colour_shape}.json + images/*.jpg
     OUT/shapes.yaml                                               (the resolved config)
+
+``shapes.yaml`` is written first and marks the folder as the generator's: a rerun into it deletes the
+previous generation's files (so a smaller world leaves no stale shards); any other non-empty folder is
+refused.
 """
 
 from __future__ import annotations
@@ -105,6 +109,9 @@ class ShapesConfig:
             raise ValueError("samples_per_shard must be in [1, 10000] (img2dataset keys have 4 index digits)")
         if min(self.num_train, self.num_retrieval, self.num_classification_per_class) < 0:
             raise ValueError("sample counts must be non-negative")
+        if self.num_train < 2 and round(self.caption_noise * self.num_train) > 0:
+            raise ValueError(f"caption_noise={self.caption_noise} replaces a caption by another training image's, "
+                             f"but num_train={self.num_train} has no other image; use num_train >= 2 or caption_noise=0")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -378,17 +385,41 @@ def _write_classification(out: Path, cfg: ShapesConfig, bar) -> None:
                                                  "templates": list(CLASSIFICATION_TEMPLATES), "samples": labelled})
 
 
+def _generated_files(out: Path) -> list[Path]:
+    """Every file of the layout :func:`generate` writes that exists under ``out`` now."""
+    patterns = ["train/*.tar", "train/*.parquet", "train/*_stats.json", "eval/retrieval/dataset_karpathy.json",
+                "eval/retrieval/images/*.jpg", "eval/classification/images/*.jpg",
+                *(f"eval/classification/{task}.json" for task in classification_tasks())]
+    return sorted(path for pattern in patterns for path in out.glob(pattern) if path.is_file())
+
+
+def _claim_folder(out: Path, cfg: ShapesConfig) -> None:
+    """Make ``out`` the generator's: delete an earlier generation's files if ``shapes.yaml`` marks it as
+    one, refuse any other non-empty folder, then write ``shapes.yaml``."""
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / "shapes.yaml").is_file():
+            raise FileExistsError(f"{out} is not empty and has no shapes.yaml (it was not written by the shapes "
+                                  "generator); give a new or empty folder")
+        for path in _generated_files(out):
+            path.unlink()
+    save_config(cfg, out / "shapes.yaml")
+
+
 def generate(out_dir: str | Path, cfg: ShapesConfig, *, progress: bool = True) -> dict:
     """Write the shapes world (training shards and evaluation sets) under ``out_dir``; see the module
-    docstring for the layout. Returns a summary: counts, realised noise rates, wall time."""
+    docstring for the layout. Returns a summary: counts, realised noise rates, wall time.
+
+    Raises:
+        FileExistsError: ``out_dir`` is a non-empty folder the generator did not write.
+    """
     out = Path(out_dir)
     start = time.perf_counter()
+    _claim_folder(out, cfg)
     total = cfg.num_train + cfg.num_retrieval + cfg.num_classification_per_class * len(COLOURS) * len(SHAPES)
     with tqdm(total=total, desc="shapes", unit="img", disable=not progress) as bar:
         noise_counts = _write_train(out / "train", cfg, bar)
         _write_retrieval(out / "eval" / "retrieval", cfg, bar)
         _write_classification(out / "eval" / "classification", cfg, bar)
-    save_config(cfg, out / "shapes.yaml")
     n = max(cfg.num_train, 1)
     return {
         "out": str(out), "num_train": cfg.num_train, "num_shards": math.ceil(cfg.num_train / cfg.samples_per_shard),

@@ -1,5 +1,6 @@
 """End to end: a tiny open_clip checkpoint evaluated on a small shapes world through the CLI."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -69,6 +70,13 @@ def test_loader_needs_an_architecture_name(tmp_path):
     assert load_open_clip_checkpoint(path, model_name="softclip-test-tiny-base").model_name == "softclip-test-tiny-base"
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_open_clip_checkpoint(tmp_path / "missing.pt")
+
+
+def test_truncated_checkpoint_is_named(tmp_path):
+    path = _save_tiny(tmp_path / "x.pt", name="softclip-test-tiny-a", seed=0)
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=r"x.pt: not a readable torch checkpoint"):
+        load_open_clip_checkpoint(path)
 
 
 def test_default_labels_are_run_directories():
@@ -152,3 +160,53 @@ def test_classifier_matches_open_clip_build_zero_shot_classifier(world):
     reference = build_zero_shot_classifier(loaded.model, loaded.tokenizer, classnames,
                                            OPENAI_IMAGENET_TEMPLATES[:7], num_classes_per_batch=2)
     torch.testing.assert_close(ours, reference.T, atol=1e-5, rtol=1e-5)
+
+
+def test_rerun_recomputes_a_task_regenerated_in_the_same_folder(world, tmp_path, monkeypatch):
+    import eval.evaluate as evaluate
+
+    _, clip, _ = world
+    data = tmp_path / "data"
+    tiny = dict(num_train=0, num_retrieval=8, num_classification_per_class=0)
+    generate(data / "shapes", ShapesConfig(**tiny, seed=1), progress=False)
+    cfg = EvalConfig(checkpoints=(clip,), tasks=("shapes-retrieval",), out=tmp_path / "r", data_root=data,
+                     num_workers=0)
+    evaluate.run_eval(cfg)
+    generate(data / "shapes", ShapesConfig(**tiny, seed=2), progress=False)  # same folder, other content
+    with monkeypatch.context() as patch:
+        patch.setattr(evaluate, "load_open_clip_checkpoint", lambda *a, **k: pytest.fail("stale metrics reused"))
+        with pytest.raises(pytest.fail.Exception, match="stale metrics reused"):
+            evaluate.run_eval(cfg)
+    rerun = evaluate.run_eval(cfg)["results"]
+    fresh = evaluate.run_eval(dataclasses.replace(cfg, out=tmp_path / "fresh"))["results"]
+    assert rerun == fresh
+
+
+def test_cache_key_holds_device_and_precision(world):
+    import eval.evaluate as evaluate
+    from eval.datasets import load_retrieval_set, task_directory
+
+    root, _, _ = world
+    directory = task_directory("shapes-retrieval", root / "data")
+    data = load_retrieval_set("shapes-retrieval", directory)
+    cfg = EvalConfig(checkpoints=(Path("x.pt"),), out=root / "unused", data_root=root / "data")
+    cpu = evaluate._task_data_key("shapes-retrieval", directory, data, cfg, torch.device("cpu"))
+    cuda = evaluate._task_data_key("shapes-retrieval", directory, data, cfg, torch.device("cuda"))
+    fp32 = evaluate._task_data_key("shapes-retrieval", directory, data, dataclasses.replace(cfg, amp=False),
+                                   torch.device("cuda"))
+    assert (cpu["device"], cpu["precision"]) == ("cpu", "fp32")
+    assert (cuda["device"], cuda["precision"], fp32["precision"]) == ("cuda", "bf16-autocast", "fp32")
+    assert cpu["num_images"] == 24 and cpu["annotation_sha256"] and cpu["images_sha256"]
+
+
+def test_corrupt_evaluation_cache_names_the_file(world, tmp_path):
+    import eval.evaluate as evaluate
+
+    root, clip, _ = world
+    cache = tmp_path / "r" / "per_checkpoint" / "clip.json"
+    cache.parent.mkdir(parents=True)
+    cache.write_text("{truncated")
+    cfg = EvalConfig(checkpoints=(clip,), tasks=("shapes-shape",), out=tmp_path / "r", data_root=root / "data",
+                     num_workers=0)
+    with pytest.raises(ValueError, match=r"clip.json: unreadable evaluation cache"):
+        evaluate.run_eval(cfg)

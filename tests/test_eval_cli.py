@@ -36,3 +36,15 @@ def test_config_file_options_and_overrides(tmp_path):
     config.write_text("checkpoints: [a.pt]\nout: r\nbatchsize: 8\n")
     with pytest.raises(ConfigError, match="unknown key 'batchsize'"):
         _build(config=config)
+
+
+def test_bad_config_file_is_named(tmp_path):
+    config = tmp_path / "eval.yaml"
+    config.write_text("checkpoints: [a.pt\n")
+    with pytest.raises(ConfigError, match=r"eval.yaml: not valid YAML"):
+        _build(config=config)
+    config.write_text("- a.pt\n")
+    with pytest.raises(ConfigError, match=r"eval.yaml: expected a mapping"):
+        _build(config=config)
+    with pytest.raises(FileNotFoundError, match=r"missing.yaml"):
+        _build(config=tmp_path / "missing.yaml")

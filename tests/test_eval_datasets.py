@@ -88,3 +88,34 @@ def test_imagenet_folder_order_is_class_order(tmp_path):
     (root / wnids[0]).rename(root / "not-a-wnid")
     with pytest.raises(MissingDatasetError, match="999 WordNet-id folders, expected 1000"):
         load_classification_set("imagenet", root)
+
+
+@pytest.mark.parametrize("content", [b'{"images": [', b'{"images": "\xff\xfe"}'], ids=["json", "utf8"])
+def test_unreadable_annotation_names_the_file(tmp_path, content):
+    (tmp_path / "dataset_coco.json").write_bytes(content)
+    with pytest.raises(ValueError, match=r"dataset_coco.json: not valid UTF-8 JSON"):
+        load_retrieval_set("coco", tmp_path)
+
+
+def _to_tensor(image):
+    import torch
+
+    return torch.zeros(3, 2, 2)
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_undecodable_image_names_the_file_also_from_a_worker(tmp_path, num_workers):
+    from torch.utils.data import DataLoader
+
+    from eval.datasets import ImageFiles
+    from pipeline.images import ImageDecodeError
+
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    loader = DataLoader(ImageFiles([bad], _to_tensor), batch_size=1, num_workers=num_workers)
+    with pytest.raises(ImageDecodeError) as info:
+        next(iter(loader))
+    assert info.value.reason == "corrupt" and str(bad) in info.value.detail
+    missing = tmp_path / "missing.jpg"
+    with pytest.raises(MissingDatasetError, match="missing.jpg listed by the dataset does not exist"):
+        next(iter(DataLoader(ImageFiles([missing], _to_tensor), batch_size=1, num_workers=num_workers)))

@@ -77,3 +77,31 @@ def test_max_pixels_is_configurable():
     with pytest.raises(ImageDecodeError, match="max_pixels=5000"):
         decode_image(data, max_pixels=5000)
     assert decode_image(data, max_pixels=10_000).size == (100, 100)
+
+
+@pytest.mark.parametrize("reason", ["empty", "corrupt", "truncated", "too_large"])
+def test_decode_error_survives_pickle(reason):
+    import pickle
+
+    err = ImageDecodeError(reason, "x.jpg: OSError: broken data stream\nsecond line")
+    again = pickle.loads(pickle.dumps(err))
+    assert type(again) is ImageDecodeError
+    assert (again.reason, again.detail, str(again), again.args) == (err.reason, err.detail, str(err), err.args)
+
+
+def test_decode_error_rebuilds_from_a_worker_traceback_message():
+    # PyTorch's DataLoader re-raises a worker's error as exc_type(<its traceback text>).
+    try:
+        decode_image(b"not an image")
+    except ImageDecodeError as err:
+        import traceback
+
+        text = "Caught ImageDecodeError in DataLoader worker process 0.\nOriginal " + "".join(
+            traceback.format_exception(err))
+    again = ImageDecodeError(text)
+    assert (again.reason, again.detail) == ("corrupt", "not a recognised image format")
+    assert str(again) == text
+    with pytest.raises(TypeError, match="no '<reason>: <detail>'"):
+        ImageDecodeError("something else went wrong")
+    with pytest.raises(ValueError, match="unknown reason 'odd'"):
+        ImageDecodeError("odd", "detail")

@@ -113,3 +113,40 @@ def test_classification_sets(shapes_world):
         assert len(data["samples"]) == len(SHAPES) * len(COLOURS)
         assert {s["label"] for s in data["samples"]} == set(range(num_classes))
         assert all((shapes_world / "eval/classification" / s["file"]).is_file() for s in data["samples"])
+
+
+def test_rerun_into_the_same_folder_replaces_the_previous_world(tmp_path):
+    out = tmp_path / "w"
+    small = dict(num_retrieval=3, num_classification_per_class=1, samples_per_shard=5)
+    generate(out, ShapesConfig(num_train=20, **small, seed=1), progress=False)
+    (out / "notes.txt").write_text("mine")  # not the generator's: kept
+    generate(out, ShapesConfig(num_train=10, num_retrieval=2, num_classification_per_class=0,
+                               samples_per_shard=5, seed=1), progress=False)
+    assert sorted(p.name for p in (out / "train").glob("*.tar")) == ["00000.tar", "00001.tar"]
+    assert len(list((out / "train").iterdir())) == 6 and len(_train_meta(out)) == 10
+    assert sorted(p.name for p in (out / "eval/retrieval/images").iterdir()) == ["000000.jpg", "000001.jpg"]
+    assert not list((out / "eval/classification/images").iterdir())
+    assert "num_train: 10" in (out / "shapes.yaml").read_text() and (out / "notes.txt").read_text() == "mine"
+    generate(tmp_path / "fresh", ShapesConfig(**TINY, seed=4), progress=False)
+    generate(out, ShapesConfig(**TINY, seed=4), progress=False)
+    generate(out, ShapesConfig(**TINY, seed=4), progress=False)  # the same config again: the same bytes
+    assert {k: v for k, v in _files(out).items() if k.name != "notes.txt"} == _files(tmp_path / "fresh")
+
+
+def test_refuses_a_non_empty_folder_it_did_not_write(tmp_path):
+    (tmp_path / "other" / "train").mkdir(parents=True)
+    (tmp_path / "other" / "train" / "00000.tar").write_bytes(b"someone else's shard")
+    with pytest.raises(FileExistsError, match=r"other is not empty and has no shapes.yaml"):
+        generate(tmp_path / "other", ShapesConfig(**TINY), progress=False)
+    assert (tmp_path / "other" / "train" / "00000.tar").read_bytes() == b"someone else's shard"
+    (tmp_path / "empty").mkdir()
+    generate(tmp_path / "empty", ShapesConfig(num_train=2, num_retrieval=0, num_classification_per_class=0),
+             progress=False)
+    assert (tmp_path / "empty" / "train" / "00000.tar").is_file()
+
+
+def test_caption_noise_needs_a_second_training_image():
+    with pytest.raises(ValueError, match=r"caption_noise=1.0 .* num_train=1 has no other image"):
+        ShapesConfig(num_train=1, caption_noise=1.0)
+    assert ShapesConfig(num_train=2, caption_noise=1.0).num_train == 2
+    assert ShapesConfig(num_train=0, caption_noise=1.0).num_train == 0
