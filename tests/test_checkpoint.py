@@ -31,6 +31,23 @@ def test_keep_prunes_old_step_files_and_latest_survives(tmp_path):
     assert torch.load(folder / "latest.pt", weights_only=True)["step"] == 3
 
 
+def test_keep_never_prunes_the_file_just_written(tmp_path):
+    folder = _save(tmp_path, [5, 6])  # higher-numbered files left by a later, abandoned branch of the run
+    save_checkpoint(tmp_path, 3, {"step": 3, "weight": torch.zeros(1)}, keep=2)
+    assert sorted(p.name for p in folder.iterdir()) == ["latest.pt", "step_0000003.pt", "step_0000006.pt"]
+    assert torch.load(folder / "latest.pt", weights_only=True)["step"] == 3
+
+
+def test_checkpoint_is_fsynced_before_the_rename(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append("fsync") or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(f"replace {os.path.basename(b)}")
+                        or real_replace(a, b))
+    _save(tmp_path, [1])
+    assert events == ["fsync", "replace step_0000001.pt", "replace latest.pt"]
+
+
 def test_resaving_a_step_replaces_latest(tmp_path):
     folder = _save(tmp_path, [2])
     save_checkpoint(tmp_path, 2, {"step": 2, "weight": torch.zeros(1)})
@@ -56,3 +73,11 @@ def test_other_link_errors_are_raised_and_the_step_file_stays(tmp_path, monkeypa
         _save(tmp_path, [1])
     folder = tmp_path / "checkpoints"
     assert sorted(p.name for p in folder.iterdir()) == ["step_0000001.pt"]
+
+
+def test_latest_falls_back_to_the_newest_step_file(tmp_path):
+    folder = _save(tmp_path, [1, 2])
+    (folder / "latest.pt").unlink()  # a crash between the step file and the link
+    assert resolve_resume("latest", tmp_path) == folder / "step_0000002.pt"
+    with pytest.raises(FileNotFoundError, match="cannot resume"):
+        resolve_resume("latest", tmp_path / "elsewhere")

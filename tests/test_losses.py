@@ -133,6 +133,15 @@ def test_single_pair_batch_is_finite():
     assert all(torch.isfinite(v) for v in out.values())
 
 
+def test_beta_zero_is_refused_for_the_soft_terms():
+    image, text, scale = _unit(4, 8, seed=1), _unit(4, 8, seed=2), torch.tensor(10.0)
+    for lam, mu in ((1.0, 0.0), (0.0, 0.5)):
+        with pytest.raises(ValueError, match="beta=0.0.*one-hot.*lam=mu=0 for CLIP"):
+            SoftCLIPLoss(beta=0.0, lam=lam, mu=mu, target_source="raw")
+    clip = SoftCLIPLoss(beta=0.0, lam=0.0, mu=0.0)(image, text, scale)
+    torch.testing.assert_close(clip["loss"], ClipLoss()(image, text, scale))
+
+
 def test_unknown_target_source_is_refused():
     with pytest.raises(ValueError, match="target_source"):
         SoftCLIPLoss(target_source="nope")

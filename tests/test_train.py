@@ -13,8 +13,9 @@ from typer.testing import CliRunner
 from pipeline.annotation_features import write_annotation_shards
 from pipeline.config import apply_overrides, from_dict, load_config, save_config, to_dict
 from train.cli import register
-from train.config import TrainConfig
+from train.config import LossConfig, TrainConfig
 from train.loop import cosine_lr, param_groups, train
+from train.metrics import MetricLogger
 from train.model import load_checkpoint_model
 
 CONFIGS = sorted((Path(__file__).parents[1] / "train" / "configs").glob("*.yaml"))
@@ -56,7 +57,8 @@ def test_resume_continues_exactly(data_root, tmp_path):
     first = train(_cfg(data_root, tmp_path / "b", "shapes-softclip", "optim.max_steps=4",
                        "log.checkpoint_every_n_steps=2", "log.keep_checkpoints=0"))
     assert first.steps == straight.steps == 4
-    resumed = train(_cfg(data_root, tmp_path / "b", "shapes-softclip", "optim.max_steps=4"),
+    resumed = train(_cfg(data_root, tmp_path / "b", "shapes-softclip", "optim.max_steps=4", "log.every_n_steps=4",
+                         "model.grad_checkpointing=true"),  # a runtime setting: free to change on resume
                     resume=str(tmp_path / "b" / "checkpoints" / "step_0000002.pt"))
     assert resumed.steps == 4
     a = torch.load(tmp_path / "a" / "checkpoints" / "latest.pt", weights_only=True)
@@ -66,13 +68,16 @@ def test_resume_continues_exactly(data_root, tmp_path):
             torch.testing.assert_close(b[key][name], tensor, rtol=1e-5, atol=1e-6, msg=name)
     assert a["data_position"] == b["data_position"] and a["step"] == b["step"] == 4
     steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4]  # the resumed run replaced, not duplicated, steps 3 and 4
+    assert steps == [1, 2, 4]  # the resumed run replaced, not duplicated, step 3 and 4 (now logging every 4)
     straight_losses = [json.loads(x)["loss"] for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     resumed_losses = [json.loads(x)["loss"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
-    assert resumed_losses == pytest.approx(straight_losses, rel=1e-4)
+    assert resumed_losses == pytest.approx([straight_losses[i] for i in (0, 1, 3)], rel=1e-4)
+    # first_loss is the call's first step (step 3, not logged), not its first logged step
+    assert resumed.first_loss == pytest.approx(straight_losses[2], rel=1e-4)
+    assert resumed.last_loss == pytest.approx(straight_losses[3], rel=1e-4)
 
 
-def test_cli_trains_clip_and_checkpoint_loads(data_root, tmp_path):
+def test_cli_trains_clip_and_checkpoint_loads(data_root, tmp_path, monkeypatch):
     app = typer.Typer()
     register(app)
     run_dir = tmp_path / "clip"
@@ -91,6 +96,9 @@ def test_cli_trains_clip_and_checkpoint_loads(data_root, tmp_path):
     torch.testing.assert_close(model.state_dict()["logit_scale"], ckpt["state_dict"]["logit_scale"])
     resumed = CliRunner().invoke(app, ["--config", str(cfg_path), "optim.max_steps=3", "--resume", "latest"])
     assert resumed.exit_code == 0 and "trained to step 3" in resumed.output
+    monkeypatch.setenv("RANK", "1")  # torchrun's other ranks print no summary
+    other = CliRunner().invoke(app, ["--config", str(cfg_path), "optim.max_steps=3", "--resume", "latest"])
+    assert other.exit_code == 0 and "trained to step" not in other.output
     bad = CliRunner().invoke(app, ["--config", str(cfg_path), "optim.nope=1"])
     assert bad.exit_code != 0 and "optim.nope" in str(bad.exception)
 
@@ -109,7 +117,7 @@ def _ddp_train(rank, world_size, port, cfg):
     os.environ.update(WORLD_SIZE=str(world_size), RANK=str(rank), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     train(cfg)
-    torch.distributed.destroy_process_group()
+    assert not torch.distributed.is_initialized()  # train() destroys the process group it started
 
 
 @pytest.mark.slow
@@ -127,3 +135,48 @@ def test_two_process_gloo_training_writes_one_checkpoint(data_root, tmp_path):
     assert ckpt["step"] == 3 and len(ckpt["data_position"]) == 2 and len(ckpt["rng"]) == 2
     steps = [json.loads(line)["step"] for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
+
+
+def test_beta_zero_is_refused_unless_clip():
+    with pytest.raises(ValueError, match="loss.beta=0.*loss.lam=0 loss.mu=0"):
+        LossConfig(beta=0.0, lam=0.0, mu=0.5)
+    with pytest.raises(ValueError, match="loss.beta=0"):
+        LossConfig(beta=0.0, lam=1.0, mu=0.0)
+    assert LossConfig(beta=0.0, lam=0.0, mu=0.0).beta == 0.0  # CLIP ignores beta
+
+
+def test_metrics_resume_drops_a_half_written_last_line_only(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.9}\n{"step": 3, "lo')
+    MetricLogger(tmp_path, resume_step=2, tensorboard=False).log(3, {"loss": 1.8})
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n{"step": 3, "loss": 1.8}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl: line 2 "):
+        MetricLogger(tmp_path, resume_step=3, tensorboard=False)
+    assert "lo\n" in path.read_text()  # left as it was
+
+
+def test_run_dir_guards_and_bad_resume_files(data_root, tmp_path):
+    run_dir = tmp_path / "run"
+    train(_cfg(data_root, run_dir, "shapes-softclip", "optim.max_steps=2"))
+    latest = run_dir / "checkpoints" / "latest.pt"
+    with pytest.raises(FileExistsError, match="--resume latest.*new run_dir"):  # a fresh start would mix runs
+        train(_cfg(data_root, run_dir, "shapes-softclip", "optim.max_steps=2"))
+    ckpt = torch.load(latest, weights_only=True)
+    weights_only = tmp_path / "open_clip.pt"
+    torch.save(ckpt["state_dict"], weights_only)
+    with pytest.raises(ValueError, match=f"{weights_only}: not a training checkpoint"):
+        train(_cfg(data_root, run_dir, "shapes-softclip", "optim.max_steps=2"), resume=str(weights_only))
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])
+    with pytest.raises(ValueError, match=f"{truncated}: cannot read the checkpoint"):
+        train(_cfg(data_root, run_dir, "shapes-softclip", "optim.max_steps=2"), resume=str(truncated))
+    with pytest.raises(ValueError, match=r"model differs.*roi_width: 32 -> 64"):
+        train(_cfg(data_root, run_dir, "shapes-softclip", "optim.max_steps=2", "model.roi_width=64"),
+              resume="latest")
+    resumed = train(_cfg(data_root, run_dir, "shapes-softclip", "optim.max_steps=3", "optim.weight_decay=0.05",
+                         "optim.eps=1e-8", "optim.betas=[0.8,0.9]"), resume="latest")
+    assert resumed.steps == 3
+    groups = torch.load(latest, weights_only=True)["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.0, 0.05]  # the run's overrides, not the saved values
+    assert all(g["eps"] == 1e-8 and tuple(g["betas"]) == (0.8, 0.9) for g in groups)

@@ -86,6 +86,25 @@ def test_epochs_differ_and_resume_positions_are_exact(packed, transforms):
     assert torch.equal(rest[0]["images"], epoch0[5]["images"])  # the random crop is per sample, not per stream
 
 
+def test_resume_reads_only_what_is_left(packed, transforms):
+    data = _data(transforms, packed)  # no worker processes: the reads are counted in this one
+    read = []
+    original = data._read
+
+    def counting(shards, errors):
+        for raw in original(shards, errors):
+            read.append(raw.key)
+            yield raw
+
+    data._read = counting
+    done = [[0, 0]]
+    for batch in data.epoch_batches(0):
+        done[batch["worker"]] = [batch["consumed"], batch["batches"]]
+    assert done[0][1] == data.batches_per_worker and read
+    read.clear()
+    assert list(data.epoch_batches(0, done)) == [] and read == []  # an epoch-boundary checkpoint reads nothing
+
+
 def test_ranks_read_disjoint_samples(packed, transforms):
     # one pass over each rank's shards (ranks with fewer samples than their quota cycle, and may overlap)
     keys = [{k for b in _data(transforms, packed, world_size=2, rank=r, batch_size=16, num_samples=32,

@@ -61,15 +61,20 @@ def restore_rng(state: dict) -> None:
 
 
 def save_checkpoint(run_dir: str | Path, step: int, checkpoint: dict, *, keep: int = 0) -> Path:
-    """Write ``checkpoint`` as ``step_XXXXXXX.pt`` and then ``latest.pt``, atomically; with ``keep > 0`` only
-    the newest ``keep`` step files are kept. Returns the step file."""
+    """Write ``checkpoint`` as ``step_XXXXXXX.pt`` (fsynced) and then ``latest.pt``, atomically; with
+    ``keep > 0`` only ``keep`` step files are kept: this one and the highest-numbered others. Returns the
+    step file."""
     path = checkpoint_path(run_dir, step)
     with atomic_path(path) as tmp:
-        torch.save(checkpoint, tmp)
+        with open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename makes it visible
     with atomic_path(path.parent / "latest.pt") as tmp:
         _link_or_copy(path, tmp)
     if keep:
-        for old in sorted(path.parent.glob("step_*.pt"))[:-keep]:
+        others = sorted(p for p in path.parent.glob("step_*.pt") if p != path)
+        for old in others[: max(len(others) - (keep - 1), 0)]:  # the file just written is always kept
             old.unlink()
     return path
 
@@ -90,8 +95,11 @@ def _link_or_copy(source: Path, target: Path) -> None:
 
 
 def resolve_resume(resume: str, run_dir: str | Path) -> Path:
-    """The checkpoint file of ``--resume``: ``latest`` means ``RUN_DIR/checkpoints/latest.pt``."""
+    """The checkpoint file of ``--resume``: ``latest`` means ``RUN_DIR/checkpoints/latest.pt``, or the newest
+    ``step_XXXXXXX.pt`` when a crash came between writing that and linking ``latest.pt``."""
     path = Path(run_dir) / "checkpoints" / "latest.pt" if resume == "latest" else Path(resume)
+    if resume == "latest" and not path.is_file():
+        path = max(path.parent.glob("step_*.pt"), default=path)
     if not path.is_file():
         raise FileNotFoundError(f"cannot resume: checkpoint {path} does not exist (give a checkpoint file or "
                                 "'latest' for the run directory's newest)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
@@ -21,8 +22,9 @@ def train_command(
     from train.loop import train  # noqa: PLC0415
 
     cfg = apply_overrides(load_config(TrainConfig, config), list(overrides or []))
-    summary = train(cfg, resume=resume)
-    typer.echo(summary.line())
+    summary = train(cfg, resume=resume)  # destroys the torchrun process group it started
+    if int(os.environ.get("RANK", "0")) == 0:  # one summary per job, not one per rank
+        typer.echo(summary.line())
 
 
 def register(app: typer.Typer) -> None:

@@ -79,7 +79,8 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class LossConfig:
-    """SoftCLIP loss switches (see docs of :class:`train.losses.SoftCLIPLoss`); lam = mu = 0 is CLIP."""
+    """SoftCLIP loss switches (see docs of :class:`train.losses.SoftCLIPLoss`); lam = mu = 0 is CLIP (the only
+    case where beta = 0 is allowed)."""
 
     beta: float = 0.3
     tau_s: float = 0.07
@@ -93,6 +94,10 @@ class LossConfig:
             raise ValueError(f"loss.beta must be in [0, 1], got {self.beta}")
         if self.tau_s <= 0 or self.lam < 0 or self.mu < 0:
             raise ValueError("loss.tau_s must be positive and loss.lam, loss.mu non-negative")
+        if self.beta == 0 and (self.lam > 0 or self.mu > 0):
+            raise ValueError("loss.beta=0 makes the soft targets one-hot, so L_soft and L_neg compare with a "
+                             "distribution that has zeros and are not defined; use beta > 0, or "
+                             "loss.lam=0 loss.mu=0 for CLIP")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)

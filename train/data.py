@@ -155,6 +155,8 @@ class TrainData:
     # --- inside a worker -------------------------------------------------------------------------------
 
     def _worker_batches(self, epoch: int, worker: int, consumed: int, batches: int) -> Iterator[dict]:
+        if batches >= self.batches_per_worker:  # this worker's epoch is done: skip nothing, read nothing
+            return
         errors = collections.Counter({kind: 0 for kind in ERROR_KINDS})
         stream = self._shuffled(epoch, self.rank * self.num_workers + worker, errors)
         for _ in range(consumed):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import pickle
 import random
 import time
 from pathlib import Path
@@ -36,7 +37,8 @@ MAX_LOGIT_SCALE = math.log(100)  # CLIP clamps the temperature at 1/100
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class TrainSummary:
-    """What a :func:`train` call did. ``first_loss``/``last_loss`` are this call's first and last steps."""
+    """What a :func:`train` call did. ``first_loss``/``last_loss`` are the losses of this call's first and last
+    steps (NaN when the call had no step left to train)."""
 
     steps: int
     samples: int
@@ -110,19 +112,47 @@ def _checkpoint(cfg: TrainConfig, model: SoftCLIPModel, optimizer, progress: dic
             "config": to_dict(cfg)}
 
 
+# What a resumable checkpoint must hold (see train.checkpoint).
+_CHECKPOINT_KEYS = ("state_dict", "roi_state_dict", "optimizer", "step", "epoch", "data_position", "rng", "config")
+# Model settings that change how the model runs, not its parameters: free to change on resume.
+_RUNTIME_MODEL_FIELDS = ("compile", "grad_checkpointing")
+
+
 def _restore(path: Path, cfg: TrainConfig, model: SoftCLIPModel, optimizer, rank: int, world_size: int) -> dict:
-    """Load a checkpoint into ``model`` and ``optimizer``; returns the progress to continue from."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    """Load a checkpoint into ``model`` and ``optimizer``; returns the progress to continue from. The run's
+    optimizer settings (weight decay, betas, eps) apply, not the saved ones; the moments and step counts are
+    restored."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as error:
+        raise ValueError(f"{path}: cannot read the checkpoint, the file is truncated or not a torch checkpoint "
+                         f"({error}); resume from another checkpoints/step_*.pt") from error
+    missing = [key for key in _CHECKPOINT_KEYS if key not in ckpt] if isinstance(ckpt, dict) else _CHECKPOINT_KEYS
+    if missing:
+        raise ValueError(f"{path}: not a training checkpoint of `softclip train` (no {', '.join(missing)}); a "
+                         "weights-only file cannot be resumed, give RUN_DIR/checkpoints/latest.pt or a step_*.pt")
     saved = from_dict(TrainConfig, ckpt["config"], source=str(path))
-    if saved.model != cfg.model:
-        raise ValueError(f"{path}: checkpoint model config {saved.model} differs from the run's {cfg.model}; "
-                         "resume with the config the run was started with")
+    runtime = {name: getattr(cfg.model, name) for name in _RUNTIME_MODEL_FIELDS}
+    if dataclasses.replace(saved.model, **runtime) != cfg.model:
+        changed = [f"{f.name}: {getattr(saved.model, f.name)!r} -> {getattr(cfg.model, f.name)!r}"
+                   for f in dataclasses.fields(cfg.model)
+                   if getattr(saved.model, f.name) != getattr(cfg.model, f.name) and f.name not in runtime]
+        raise ValueError(f"{path}: the checkpoint's model differs from the run's ({'; '.join(changed)}); resume "
+                         "with the model config the run was started with")
     if len(ckpt["data_position"]) != world_size:
         raise ValueError(f"{path}: saved by {len(ckpt['data_position'])} ranks, this run has {world_size}; "
                          "resume with as many ranks (the data position is per rank)")
-    model.clip.load_state_dict(ckpt["state_dict"])
-    model.roi.load_state_dict(ckpt["roi_state_dict"])
-    optimizer.load_state_dict(ckpt["optimizer"])
+    settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    try:
+        model.clip.load_state_dict(ckpt["state_dict"])
+        model.roi.load_state_dict(ckpt["roi_state_dict"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as error:
+        raise ValueError(f"{path}: the checkpoint does not fit this run ({error}); resume with the config the "
+                         "run was started with (loss.lam / loss.mu / loss.detach_targets decide which parameters "
+                         "train)") from error
+    for group, fresh in zip(optimizer.param_groups, settings):
+        group.update(fresh)  # this run's weight decay, betas, eps (lr is set every step by the schedule)
     restore_rng(ckpt["rng"][rank])
     return {"step": ckpt["step"], "epoch": ckpt["epoch"], "positions": ckpt["data_position"][rank]}
 
@@ -213,7 +243,8 @@ class _Run:
     world_size: int
     total_steps: int
     progress: dict  # step, epoch, positions (per worker [consumed, batches] this epoch)
-    losses: list = dataclasses.field(default_factory=list)  # logged losses of this call
+    first_loss: float | None = None  # loss of this call's first step
+    last_loss: float | None = None  # loss of the last logged step (the last step is always logged)
     saved_at: int = -1
 
 
@@ -231,6 +262,8 @@ def _run_epoch(run: _Run) -> None:
         for group in run.optimizer.param_groups:
             group["lr"] = lr
         losses = train_step(run.step_model, run.loss_fn, run.optimizer, batch, run.cfg, run.device)
+        if run.first_loss is None:
+            run.first_loss = float(losses["loss"])
         positions[batch["worker"]] = [batch["consumed"], batch["batches"]]
         errors[batch["worker"]] = batch["errors"]
         progress |= {"step": step + 1, "positions": positions}
@@ -239,7 +272,7 @@ def _run_epoch(run: _Run) -> None:
         run.bar.update(1)
         if step == 0 or (step + 1) % run.cfg.log.every_n_steps == 0 or step + 1 == run.total_steps:
             metrics = _log_metrics(losses, lr, timing, errors, run.cfg.data.batch_size)
-            run.losses.append(metrics["loss"])
+            run.last_loss = metrics["loss"]
             run.logger.log(step + 1, metrics | {"epoch": progress["epoch"]})
             run.bar.set_postfix(loss=f"{metrics['loss']:.4f}")
             timing = {"elapsed": 0.0, "steps": 0, "data_wait": 0.0}
@@ -267,11 +300,23 @@ def _wrap(model: SoftCLIPModel, cfg: TrainConfig, world_size: int, device: torch
     return torch.compile(model) if cfg.model.compile else model
 
 
+def _refuse_mixed_runs(cfg: TrainConfig, resume: str | None) -> None:
+    """A fresh start must not write into a run folder that holds another run's checkpoints."""
+    folder = Path(cfg.run_dir) / "checkpoints"
+    found = sorted(p.name for p in folder.glob("*.pt")) if not resume and folder.is_dir() else []
+    if found:
+        raise FileExistsError(f"{folder} already holds checkpoints ({', '.join(found[-3:])}): pass --resume "
+                              "latest (resume='latest') to continue that run, or choose a new run_dir")
+
+
 def train(cfg: TrainConfig, *, resume: str | None = None) -> TrainSummary:
     """Train ``cfg`` (resuming from a checkpoint path or ``"latest"``); every rank of a torchrun job calls
     this. Writes ``RUN_DIR/config.yaml``, ``metrics.jsonl``, ``tensorboard/`` and ``checkpoints/``
-    (``latest.pt`` is always the newest complete checkpoint)."""
+    (``latest.pt`` is always the newest complete checkpoint). A fresh start (no ``resume``) refuses a run
+    folder that already has checkpoints. A process group this call starts is destroyed when it returns."""
     start = time.perf_counter()
+    _refuse_mixed_runs(cfg, resume)
+    started_group = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
     rank, world_size, device = _init_distributed()
     model, loss_fn, optimizer, data, progress = _setup(cfg, resume, rank, world_size, device)
     total_steps = data.steps_per_epoch * cfg.optim.epochs
@@ -291,8 +336,11 @@ def train(cfg: TrainConfig, *, resume: str | None = None) -> TrainSummary:
         _save(run)
     run.bar.close()
     run.logger.close()
+    if started_group:
+        dist.destroy_process_group()
     nan = float("nan")
     return TrainSummary(steps=progress["step"], samples=progress["step"] * cfg.data.batch_size,
-                        wall_s=time.perf_counter() - start, first_loss=run.losses[0] if run.losses else nan,
-                        last_loss=run.losses[-1] if run.losses else nan,
+                        wall_s=time.perf_counter() - start,
+                        first_loss=nan if run.first_loss is None else run.first_loss,
+                        last_loss=nan if run.last_loss is None else run.last_loss,
                         checkpoint=str(Path(cfg.run_dir) / "checkpoints" / "latest.pt"))

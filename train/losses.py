@@ -126,7 +126,7 @@ class SoftCLIPLoss(nn.Module):
     """SoftCLIP's training loss; with ``lam = mu = 0`` exactly open_clip's ``ClipLoss``.
 
     Args:
-        beta: weight of the self-similarity in the softened targets.
+        beta: weight of the self-similarity in the softened targets; must be > 0 unless ``lam = mu = 0``.
         tau_s: temperature of the intra-modal self-similarity.
         lam, mu: weights of ``L_soft`` and ``L_neg``.
         target_source: ``roi_tag`` (``S_img`` from ROI, ``S_txt`` from tag embeddings), ``roi`` (``S_img``
@@ -147,6 +147,9 @@ class SoftCLIPLoss(nn.Module):
         if target_source not in ("roi_tag", "roi", "tag", "label_smoothing", "raw"):
             raise ValueError(f"unknown target_source {target_source!r}: use roi_tag, roi, tag, "
                              "label_smoothing or raw")
+        if beta <= 0 and (lam > 0 or mu > 0):
+            raise ValueError(f"beta={beta} with lam={lam}, mu={mu}: beta=0 makes the targets one-hot, for which "
+                             "the soft and negative terms are not defined; use beta > 0, or lam=mu=0 for CLIP")
         self.beta, self.tau_s, self.lam, self.mu = beta, tau_s, lam, mu
         self.target_source, self.detach_targets, self.world_size = target_source, detach_targets, world_size
 

@@ -31,8 +31,7 @@ class MetricLogger:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            kept = [line for step, line in _read_lines(self.path) if step <= resume_step]
             atomic_write_text(self.path, "".join(line + "\n" for line in kept))
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 (optional, slow import)
@@ -53,3 +52,19 @@ class MetricLogger:
         """Flush and close TensorBoard."""
         if self.writer is not None:
             self.writer.close()
+
+
+def _read_lines(path: Path) -> list[tuple[int, str]]:
+    """``(step, line)`` of each line of a ``metrics.jsonl``. A broken last line (a run killed while appending
+    it) is dropped; a broken line before it raises ValueError naming the file and line."""
+    lines = [(number, line) for number, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    out = []
+    for i, (number, line) in enumerate(lines):
+        try:
+            out.append((int(json.loads(line)["step"]), line))
+        except (ValueError, KeyError, TypeError) as error:
+            if i == len(lines) - 1:
+                break  # half-written by the interrupted run
+            raise ValueError(f"{path}: line {number} is not a metrics record ({error}); fix or remove that "
+                             "line and resume again") from error
+    return out
