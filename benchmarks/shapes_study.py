@@ -26,8 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.io import atomic_write_json, atomic_write_text  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
+from pipeline.io import atomic_write_json, atomic_write_text  # noqa: E402
 from pipeline.shapes import ShapesConfig  # noqa: E402
 from train.config import TrainConfig  # noqa: E402
 from workflows.cache import ArtifactCache  # noqa: E402

@@ -6,12 +6,12 @@ import open_clip
 import pytest
 import torch
 
+from eval.checkpoint import load_open_clip_checkpoint
 from train.config import ModelConfig
 from train.model import (
     ROIEncoder,
     build_model,
     encode_text_trimmed,
-    load_checkpoint_model,
     register_model_configs,
 )
 
@@ -67,7 +67,8 @@ def test_checkpoint_loads_through_open_clip(tiny, tmp_path):
     path = tmp_path / "latest.pt"
     torch.save({"state_dict": model.clip.state_dict(), "model_name": "shapes-tiny-copy",
                 "model_config": open_clip.get_model_config("shapes-tiny")}, path)
-    loaded, preprocess, loaded_tokenizer = load_checkpoint_model(path)  # registers the unknown name
+    loaded_model = load_open_clip_checkpoint(path)  # registers the unknown name
+    loaded, loaded_tokenizer = loaded_model.model, loaded_model.tokenizer
     image = torch.randn(1, 3, 64, 64)
     model.eval()
     torch.testing.assert_close(loaded.encode_image(image), model.clip.encode_image(image))
@@ -75,7 +76,7 @@ def test_checkpoint_loads_through_open_clip(tiny, tmp_path):
     torch.testing.assert_close(via_open_clip.state_dict()["logit_scale"], model.clip.state_dict()["logit_scale"])
     assert torch.equal(loaded_tokenizer(["a star"]), tokenizer(["a star"]))
     with pytest.raises(FileNotFoundError):
-        load_checkpoint_model(tmp_path / "missing.pt")
+        load_open_clip_checkpoint(tmp_path / "missing.pt")
 
 
 def test_trimmed_text_encoding_is_exact(tiny):

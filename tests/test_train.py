@@ -10,13 +10,13 @@ import torch
 import typer
 from typer.testing import CliRunner
 
+from eval.checkpoint import load_open_clip_checkpoint
 from pipeline.annotation_features import write_annotation_shards
 from pipeline.config import apply_overrides, from_dict, load_config, save_config, to_dict
 from train.cli import register
 from train.config import LossConfig, TrainConfig
 from train.loop import cosine_lr, param_groups, train
 from train.metrics import MetricLogger
-from train.model import load_checkpoint_model
 
 CONFIGS = sorted((Path(__file__).parents[1] / "train" / "configs").glob("*.yaml"))
 
@@ -92,7 +92,7 @@ def test_cli_trains_clip_and_checkpoint_loads(data_root, tmp_path, monkeypatch):
     assert ckpt["model_name"] == "shapes-rn" and ckpt["config"]["loss"]["lam"] == 0.0
     assert set(ckpt) >= {"state_dict", "model_config", "roi_state_dict", "optimizer", "step", "rng",
                          "data_position", "config"}
-    model, _, _ = load_checkpoint_model(run_dir / "checkpoints" / "latest.pt")
+    model = load_open_clip_checkpoint(run_dir / "checkpoints" / "latest.pt").model
     torch.testing.assert_close(model.state_dict()["logit_scale"], ckpt["state_dict"]["logit_scale"])
     resumed = CliRunner().invoke(app, ["--config", str(cfg_path), "optim.max_steps=3", "--resume", "latest"])
     assert resumed.exit_code == 0 and "trained to step 3" in resumed.output

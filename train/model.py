@@ -8,8 +8,6 @@ text tower as captions. The ROI branch turns a padded set of boxes into one join
 
 from __future__ import annotations
 
-import json
-import tempfile
 from pathlib import Path
 
 import open_clip
@@ -26,7 +24,6 @@ __all__ = [
     "SoftCLIPModel",
     "build_model",
     "encode_text_trimmed",
-    "load_checkpoint_model",
     "register_model_configs",
 ]
 
@@ -165,28 +162,3 @@ def build_model(cfg: ModelConfig) -> tuple[SoftCLIPModel, object, object, object
     if cfg.grad_checkpointing:
         clip.set_grad_checkpointing(True)
     return SoftCLIPModel(clip, roi), preprocess_train, preprocess_val, open_clip.get_tokenizer(cfg.name)
-
-
-def load_checkpoint_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, object, object]:
-    """Load the open_clip ``CLIP`` of a training checkpoint: ``(model, preprocess_val, tokenizer)``.
-
-    The checkpoint's ``model_config`` is registered under its ``model_name`` when open_clip does not know
-    the name, then open_clip itself loads ``checkpoint["state_dict"]``. The model is in eval mode.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    register_model_configs()
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(checkpoint, dict) or "model_name" not in checkpoint or "state_dict" not in checkpoint:
-        raise ValueError(f"{path}: not a softclip training checkpoint (needs 'state_dict' and 'model_name')")
-    name = checkpoint["model_name"]
-    if open_clip.get_model_config(name) is None:
-        with tempfile.TemporaryDirectory() as tmp:
-            config_file = Path(tmp) / f"{name}.json"
-            config_file.write_text(json.dumps(checkpoint["model_config"]))
-            open_clip.add_model_config(config_file)  # read now; open_clip keeps the parsed config
-    del checkpoint
-    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=str(path), device=device)
-    model.eval()
-    return model, preprocess, open_clip.get_tokenizer(name)
