@@ -35,6 +35,7 @@ __all__ = [
     "config_hash",
     "from_dict",
     "load_config",
+    "read_yaml",
     "save_config",
     "to_dict",
     "to_yaml",
@@ -55,6 +56,9 @@ def _convert_union(value: Any, tp: Any, where: str, source: str) -> Any:
     options = get_args(tp)
     if value is None and type(None) in options:
         return None
+    members = [option for option in options if option is not type(None)]
+    if len(members) == 1 and dataclasses.is_dataclass(members[0]) and isinstance(value, dict):
+        return _convert(value, members[0], where, source)  # an optional section: its own error names the key
     for option in options:
         if option is type(None):
             continue
@@ -160,8 +164,13 @@ def from_dict(cls: type[T], data: dict | None, *, source: str = "<dict>") -> T:
     return _build(cls, data, prefix="", source=source)
 
 
-def load_config(cls: type[T], path: str | Path) -> T:
-    """Read a YAML file into the dataclass ``cls``; errors name the file and the key."""
+def read_yaml(path: str | Path) -> dict:
+    """A config file's YAML as a dict (an empty file is ``{}``).
+
+    Raises:
+        FileNotFoundError: there is no such file.
+        ConfigError: the file is not valid YAML, or not a mapping at the top level; the message names it.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
@@ -169,7 +178,16 @@ def load_config(cls: type[T], path: str | Path) -> T:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
-    return from_dict(cls, data, source=str(path))
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def load_config(cls: type[T], path: str | Path) -> T:
+    """Read a YAML file into the dataclass ``cls``; errors name the file and the key."""
+    return from_dict(cls, read_yaml(path), source=str(path))
 
 
 def to_dict(cfg: Any) -> Any:

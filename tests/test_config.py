@@ -9,6 +9,7 @@ from pipeline.config import (
     config_hash,
     from_dict,
     load_config,
+    read_yaml,
     save_config,
     to_yaml,
 )
@@ -87,3 +88,33 @@ def test_config_hash_is_stable_and_sensitive():
     assert config_hash(a) == config_hash(RunConfig(name="a"))
     assert config_hash(a) != config_hash(b)
     assert "name: a" in to_yaml(a)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class JobConfig:
+    optim: OptimConfig | None = None
+
+
+def test_optional_section_errors_name_the_key(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("optim: {lrr: 0.1}\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'optim\.lrr' for OptimConfig \(known keys: betas, lr, schedule\)"):
+        load_config(JobConfig, path)
+    path.write_text("optim: {lr: 0.1}\n")
+    assert load_config(JobConfig, path) == JobConfig(optim=OptimConfig(lr=0.1))
+    path.write_text("optim: null\n")
+    assert load_config(JobConfig, path) == JobConfig()
+    path.write_text("optim: 3\n")
+    with pytest.raises(ConfigError, match="'optim' = 3 is not a"):
+        load_config(JobConfig, path)
+
+
+@pytest.mark.parametrize("text, problem", [("a: [1\n", "not valid YAML"), ("- a\n- b\n", "expected a mapping")])
+def test_read_yaml_errors_name_the_file(tmp_path, text, problem):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=problem) as err:
+        read_yaml(path)
+    assert str(path) in str(err.value)
+    path.write_text("")
+    assert read_yaml(path) == {}

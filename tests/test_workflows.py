@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,9 +17,9 @@ import pytest
 import yaml
 
 from pipeline.config import ConfigError, load_config
-from workflows.cache import ArtifactCache, artifact_key
+from workflows.cache import ArtifactCache, CorruptArtifactError, artifact_key
 from workflows.config import WorkflowConfig
-from workflows.runner import WorkflowRunner, load_workflow
+from workflows.runner import WorkflowRunner, _project_file, load_workflow
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_FAST = ["optim.max_steps=4", "optim.warmup_steps=1", "data.batch_size=16", "data.num_workers=0",
@@ -157,6 +159,13 @@ def test_workflow_file_errors_name_the_key(tmp_path):
     bad.write_text("name: x\ndataset: {name: cc3m, path: /data}\ndetector: {weights: a, labelmap: b}\n")
     with pytest.raises(ConfigError, match="exactly one"):
         load_config(WorkflowConfig, bad)
+    bad.write_text("name: x\ndataset: {name: cc3m}\ndetector: {weights: a, labelmap: b}\n"
+                   "train: [{name: a, config: c}]\neval: {taks: [shapes]}\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'eval\.taks' for EvalStep"):
+        load_config(WorkflowConfig, bad)
+    bad.write_text("name: x\ndataset: {shapes: {num_trian: 3}}\ndetector: {weights: a, labelmap: b}\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'dataset\.shapes\.num_trian'"):
+        load_config(WorkflowConfig, bad)
 
 
 def test_missing_released_weights_say_where_they_are_expected(tmp_path, monkeypatch):
@@ -179,3 +188,141 @@ def test_every_shipped_workflow_loads():
         for step in workflow.train:
             assert (ROOT / step.config).is_file(), f"{path.name}: {step.config} does not exist"
         assert dataclasses.is_dataclass(workflow)
+
+
+def _keys(workflow: WorkflowConfig, cache: Path) -> list[str]:
+    return [r.key for r in WorkflowRunner(workflow, cache=ArtifactCache(cache), log=lambda _: None).plan()]
+
+
+def test_keys_do_not_depend_on_how_data_root_is_spelled(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    (data / "cc3m").mkdir(parents=True)
+    (data / "cc3m" / "00000.tar").write_bytes(b"tar")
+    (data / "models" / "vinvl").mkdir(parents=True)
+    for name in ("vinvl_vg_x152c4.pth", "VG-SGG-dicts-vgoi6-clipped.json"):
+        (data / "models" / "vinvl" / name).write_bytes(name.encode())
+    workflow = load_workflow(ROOT / "workflows/configs/cc3m.yaml")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DATA_ROOT", "data")
+    relative = _keys(workflow, tmp_path / "cache")
+    monkeypatch.setenv("DATA_ROOT", str(data))
+    absolute = _keys(workflow, tmp_path / "cache")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert relative == absolute == _keys(workflow, tmp_path / "cache")
+
+
+def test_shipped_demo_keys_and_files_do_not_depend_on_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.setenv("DATA_ROOT", "unset")
+    monkeypatch.delenv("DATA_ROOT")  # the runner sets a default; teardown unsets it again
+    workflow = load_workflow(ROOT / "workflows/configs/shapes.yaml")
+    monkeypatch.chdir(ROOT)
+    keys, config = _keys(workflow, tmp_path / "cache"), _project_file("extract/weights/shapes/detector.yaml")
+    monkeypatch.chdir(tmp_path)
+    assert _keys(workflow, tmp_path / "cache") == keys
+    assert _project_file("extract/weights/shapes/detector.yaml") == config and config.is_absolute()
+
+
+def test_a_moved_cache_is_used_where_it_is_now(first_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import build_app
+
+    _, path, cache, _ = first_run
+    moved = tmp_path / "moved"
+    shutil.move(cache, moved)
+    try:  # eval reruns from the cached checkpoints and shapes world, which must be found in `moved`
+        result = CliRunner().invoke(build_app(), ["run", str(path), "--cache-dir", str(moved), "--force", "eval"])
+        assert result.exit_code == 0, result.output
+        assert "6 stages, 5 cached, 1 ran" in result.output
+        again, lines = _run(path, moved)
+        assert all(r.cached for r in again.records), lines
+        paths = [v for r in again.records for v in r.outputs.values() if isinstance(v, str)]
+        assert paths and all(p.startswith(str(moved)) for p in paths)
+    finally:
+        shutil.move(moved, cache)
+
+
+def test_a_plan_does_not_use_up_force(first_run):
+    _, path, cache, _ = first_run
+    lines = []
+    runner = WorkflowRunner(load_workflow(path), cache=ArtifactCache(cache), force=("eval",), log=lines.append)
+    assert all(r.cached for r in runner.plan())
+    result = runner.run()
+    assert [r.stage for r in result.records if not r.cached] == ["eval"], lines
+
+
+def test_gc_keeps_incomplete_artifacts_a_workflow_needs(tmp_path):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import build_app
+
+    path, cache = _workflow(tmp_path), ArtifactCache(tmp_path / "cache")
+    planned = WorkflowRunner(load_workflow(path), cache=cache, log=lambda _: None).plan()
+    needed = cache.artifact("train", next(r.key for r in planned if r.stage == "train"))
+    (needed.path / "checkpoints").mkdir(parents=True)  # an interrupted training run: resumable, no marker
+    stray = cache.artifact("train", "0" * 16)
+    stray.path.mkdir(parents=True)
+    result = CliRunner().invoke(build_app(), ["cache", "gc", "--cache-dir", str(cache.root), str(path)])
+    assert result.exit_code == 0, result.output
+    assert needed.path.is_dir() and not stray.path.exists()
+    result = CliRunner().invoke(build_app(), ["cache", "gc", "--cache-dir", str(cache.root)])
+    assert result.exit_code == 0 and not needed.path.exists()
+
+
+def test_a_corrupt_marker_is_listed_and_collected(tmp_path):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import build_app
+
+    cache = ArtifactCache(tmp_path / "cache")
+    broken = cache.artifact("extract", "2" * 16)
+    broken.path.mkdir(parents=True)
+    marker = broken.path / "artifact.json"
+    marker.write_text("")
+    with pytest.raises(CorruptArtifactError, match=re.escape(str(marker))):
+        broken.record()
+    assert broken.state == "corrupt" and not broken.complete
+    listing = CliRunner().invoke(build_app(), ["cache", "ls", "--cache-dir", str(cache.root)])
+    assert listing.exit_code == 0, listing.output
+    assert "corrupt" in listing.output and str(marker) in listing.output.replace("\n", "")
+    rows = json.loads(CliRunner().invoke(build_app(), ["cache", "ls", "--cache-dir", str(cache.root), "--json"]).output)
+    assert [(r["state"], r["complete"]) for r in rows] == [("corrupt", False)]
+    result = CliRunner().invoke(build_app(), ["cache", "gc", "--cache-dir", str(cache.root)])
+    assert result.exit_code == 0 and f"removed extract {'2' * 16}" in result.output and not broken.path.exists()
+
+
+@pytest.mark.parametrize("text, problem", [("data: [1\n", "not valid YAML"), ("- a\n", "expected a mapping"),
+                                           ("data: 3\n", "'data' must be a mapping")])
+def test_a_bad_stage_config_names_its_file(tmp_path, text, problem):
+    bad = tmp_path / "bad-train.yaml"
+    bad.write_text(text)
+    spec = yaml.safe_load(_workflow(tmp_path).read_text())
+    spec["train"][0]["config"] = str(bad)
+    path = tmp_path / "w.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ConfigError, match=problem) as err:
+        WorkflowRunner(load_workflow(path), cache=ArtifactCache(tmp_path / "cache"), log=lambda _: None).plan()
+    assert str(bad) in str(err.value)
+
+
+def test_torchrun_args_run_training_under_torchrun(tmp_path, monkeypatch):
+    import subprocess as subprocess_module
+
+    import train.loop
+    from train.config import TrainConfig
+
+    commands, in_process = [], []
+    monkeypatch.setattr(subprocess_module, "run", lambda command, check: commands.append(command))
+    monkeypatch.setattr(train.loop, "train", lambda cfg, resume: in_process.append(cfg))
+    cfg = load_config(TrainConfig, ROOT / "train/configs/shapes-clip.yaml")
+    artifact = ArtifactCache(tmp_path / "cache").artifact("train", "3" * 16)
+    artifact.path.mkdir(parents=True)
+    runner = WorkflowRunner(load_workflow(_workflow(tmp_path)), nproc=1, log=lambda _: None)
+    monkeypatch.delenv("TORCHRUN_ARGS", raising=False)
+    runner._run_training(cfg, artifact)
+    assert in_process == [cfg] and commands == []
+    monkeypatch.setenv("TORCHRUN_ARGS", "--nnodes=2 --rdzv-backend=c10d --rdzv-endpoint=host:29400")
+    runner._run_training(cfg, artifact)
+    assert len(commands) == 1 and commands[0][1:4] == ["-m", "torch.distributed.run", "--nproc-per-node=1"]
+    assert "--nnodes=2" in commands[0] and "--rdzv-endpoint=host:29400" in commands[0]

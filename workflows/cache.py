@@ -5,7 +5,9 @@ settings and of the keys of its inputs, so the same dataset and detector always 
 shards, and changing a training hyper-parameter changes only the training and evaluation keys. An
 artifact counts only once its ``artifact.json`` says ``complete``: the stage writes into the folder, the
 runner writes the marker last (atomically). An interrupted stage leaves a folder without the marker;
-the next run hands the same folder back to the stage, which continues where it stopped.
+the next run hands the same folder back to the stage, which continues where it stopped. A marker that
+cannot be read (a disk that filled up, a hand edit) makes the artifact ``corrupt``: listed as such, and
+treated like an incomplete one.
 """
 
 from __future__ import annotations
@@ -21,10 +23,14 @@ from typing import Any
 
 from pipeline.io import atomic_write_json, file_sha256
 
-__all__ = ["Artifact", "ArtifactCache", "artifact_key", "default_cache_dir", "file_fingerprint",
-           "tree_fingerprint"]
+__all__ = ["Artifact", "ArtifactCache", "CorruptArtifactError", "artifact_key", "default_cache_dir",
+           "file_fingerprint", "tree_fingerprint"]
 
 MARKER = "artifact.json"
+
+
+class CorruptArtifactError(ValueError):
+    """An artifact's ``artifact.json`` is not a JSON object; the message names the file."""
 
 
 def default_cache_dir() -> Path:
@@ -74,12 +80,33 @@ class Artifact:
     path: Path
 
     @property
+    def state(self) -> str:
+        """``complete``, ``partial`` (no marker yet: a stage was interrupted) or ``corrupt`` (unreadable marker)."""
+        try:
+            record = self.record()
+        except CorruptArtifactError:
+            return "corrupt"
+        return "complete" if record.get("complete", False) else "partial"
+
+    @property
     def complete(self) -> bool:
-        return self.record().get("complete", False)
+        return self.state == "complete"
 
     def record(self) -> dict[str, Any]:
+        """The marker's content, ``{}`` when there is none yet.
+
+        Raises:
+            CorruptArtifactError: the marker is not a JSON object (empty, truncated, not UTF-8)."""
         marker = self.path / MARKER
-        return json.loads(marker.read_text()) if marker.is_file() else {}
+        if not marker.is_file():
+            return {}
+        try:
+            record = json.loads(marker.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise CorruptArtifactError(f"{marker}: not a readable artifact marker ({err})") from err
+        if not isinstance(record, dict):
+            raise CorruptArtifactError(f"{marker}: not a readable artifact marker (a JSON {type(record).__name__})")
+        return record
 
     def mark_complete(self, *, settings: Any, inputs: dict[str, str], made_by: str, seconds: float,
                       outputs: dict[str, Any] | None = None) -> None:
@@ -116,11 +143,12 @@ class ArtifactCache:
         shutil.rmtree(artifact.path)
 
     def gc(self, keep: set[str] | None = None) -> list[Artifact]:
-        """Delete incomplete artifacts, and complete ones whose key is not in ``keep`` when it is given.
-        Returns what was deleted."""
+        """Delete the artifacts whose key is not in ``keep``; without ``keep``, the incomplete (and corrupt)
+        ones. An incomplete artifact in ``keep`` stays: the next run resumes it. Returns what was deleted."""
         removed = []
         for artifact in self.list():
-            if not artifact.complete or (keep is not None and artifact.key not in keep):
+            unused = artifact.key not in keep if keep is not None else not artifact.complete
+            if unused:
                 self.remove(artifact)
                 removed.append(artifact)
         return removed

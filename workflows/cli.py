@@ -10,7 +10,7 @@ from pathlib import Path
 
 import typer
 
-from workflows.cache import ArtifactCache
+from workflows.cache import MARKER, ArtifactCache
 from workflows.datasets import data_root, list_datasets, load_dataset_spec
 
 __all__ = ["register"]
@@ -59,27 +59,28 @@ def cache_ls(cache_dir: Path | None = typer.Option(None, help="Artifact cache fo
     cache = ArtifactCache(cache_dir)
     rows = []
     for artifact in cache.list():
-        record = artifact.record()
-        rows.append({"kind": artifact.kind, "key": artifact.key, "complete": artifact.complete,
+        state = artifact.state
+        record = {} if state == "corrupt" else artifact.record()
+        made_by = {"partial": "(incomplete)", "corrupt": f"(unreadable {artifact.path / MARKER})"}.get(state, "")
+        rows.append({"kind": artifact.kind, "key": artifact.key, "complete": state == "complete", "state": state,
                      "bytes": artifact.size_bytes(), "seconds": record.get("seconds"),
-                     "made_by": record.get("made_by", "(incomplete)"), "created": record.get("created", ""),
+                     "made_by": record.get("made_by", made_by), "created": record.get("created", ""),
                      "path": str(artifact.path)})
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
     for row in rows:
-        state = "complete" if row["complete"] else "partial"
-        typer.echo(f"{row['kind']:<9} {row['key']} {state:<8} {_human(row['bytes']):>9}  {row['made_by']}  "
+        typer.echo(f"{row['kind']:<9} {row['key']} {row['state']:<8} {_human(row['bytes']):>9}  {row['made_by']}  "
                    f"{row['created']}")
     total = sum(r["bytes"] for r in rows)
     typer.echo(f"{len(rows)} artifacts, {_human(total)} in {cache.root}")
 
 
 @cache_app.command("gc")
-def cache_gc(keep: list[Path] = typer.Argument(None, help="Workflow files whose artifacts are kept; "
-                                                          "without any, only incomplete artifacts go."),
+def cache_gc(keep: list[Path] = typer.Argument(None, help="Workflow files whose artifacts are kept, complete "
+                                                          "or not; without any, only incomplete artifacts go."),
              cache_dir: Path | None = typer.Option(None, help="Artifact cache folder.")) -> None:
-    """Delete incomplete artifacts, and those no given workflow uses."""
+    """Delete the artifacts no given workflow uses (complete or not); without any, the incomplete ones."""
     from workflows.runner import WorkflowRunner, load_workflow
 
     cache = ArtifactCache(cache_dir)

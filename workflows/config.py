@@ -1,8 +1,8 @@
 """Workflow files: a dataset, a detector, the extraction settings, training configs and evaluation tasks.
 
-Example (``workflows/configs/shapes-demo.yaml``)::
+Example (``workflows/configs/shapes.yaml``, but training a detector instead of loading the shipped one)::
 
-    name: shapes-demo
+    name: shapes-own-detector
     dataset:
       shapes: {num_train: 5000, caption_noise: 0.2}
     detector:

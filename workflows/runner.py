@@ -18,9 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from pipeline.config import apply_overrides, from_dict, load_config, to_dict
+from pipeline.config import ConfigError, apply_overrides, from_dict, load_config, read_yaml, to_dict
 from pipeline.shapes import generate as generate_shapes
 from workflows.cache import Artifact, ArtifactCache, artifact_key, file_fingerprint, tree_fingerprint
 from workflows.config import TrainStep, WorkflowConfig
@@ -42,11 +40,12 @@ def load_workflow(path: str | Path) -> WorkflowConfig:
 
 def _project_file(path: str) -> Path:
     """A stage config path as written in a workflow: relative to the working directory, else to the
-    softclip checkout (so workflows run from any folder)."""
+    softclip checkout (so workflows run from any folder); returned absolute, so what records it (the
+    extraction manifest) does not depend on the working directory."""
     candidate = Path(os.path.expandvars(path))
     if candidate.is_file() or candidate.is_absolute():
-        return candidate
-    return REPO_ROOT / candidate
+        return candidate.resolve()
+    return (REPO_ROOT / candidate).resolve()
 
 
 def _user_file(path: str, what: str) -> Path:
@@ -95,12 +94,14 @@ def _stage_config(cls: type, path: str | Path, managed: dict[str, Any], override
 
     Returns ``(config, settings)`` where ``settings`` is the config as plain data without the managed
     keys: what the artifact key hashes."""
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    data = read_yaml(path)
     for dotted, value in managed.items():
         node = data
         *parents, leaf = dotted.split(".")
         for part in parents:
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{path}: '{part}' must be a mapping, got {node!r}")
         node[leaf] = value
     cfg = apply_overrides(from_dict(cls, data, source=str(path)), overrides, source=f"{path} overrides")
     settings = to_dict(cfg)
@@ -146,7 +147,7 @@ class WorkflowRunner:
     def _dataset(self) -> StageRecord:
         step = self.workflow.dataset
         if step.shapes is None:
-            location = Path(os.path.expandvars(step.path)) if step.path else resolve_dataset(step.name)
+            location = (Path(os.path.expandvars(step.path)) if step.path else resolve_dataset(step.name)).resolve()
             key = artifact_key("dataset", {"location": str(location), "files": tree_fingerprint(location)}, {})
             return StageRecord("dataset", step.name or str(location), key, None, True,
                                outputs={"root": str(location), "train": str(location), "eval": None})
@@ -220,8 +221,10 @@ class WorkflowRunner:
                              outputs={"checkpoint": str(checkpoint)})
 
     def _run_training(self, cfg, artifact: Artifact) -> None:
+        """Train in this process, or under torchrun for several processes or nodes (``TORCHRUN_ARGS``)."""
         resume = "latest" if (artifact.path / "checkpoints" / "latest.pt").is_file() else None
-        if self.nproc <= 1:
+        torchrun_args = os.environ.get("TORCHRUN_ARGS", "").split()
+        if self.nproc <= 1 and not torchrun_args:
             from train.loop import train
 
             train(cfg, resume=resume)
@@ -230,12 +233,13 @@ class WorkflowRunner:
 
         config_path = save_config(cfg, artifact.path / "workflow-train.yaml")
         command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={self.nproc}",
-                   *os.environ.get("TORCHRUN_ARGS", "").split(), "-m", "pipeline", "train",
+                   *torchrun_args, "-m", "pipeline", "train",
                    "--config", str(config_path)] + (["--resume", resume] if resume else [])
         self.log("  " + " ".join(command))
         subprocess.run(command, check=True)
 
     def _eval(self, dataset: StageRecord, trains: list[StageRecord]) -> StageRecord:
+        from eval.datasets import expand_tasks
         from eval.evaluate import EvalConfig, run_eval
 
         step = self.workflow.eval
@@ -246,9 +250,11 @@ class WorkflowRunner:
                      "shapes-shape": str(shapes_eval / "classification"),
                      "shapes-colour_shape": str(shapes_eval / "classification")}
         data = {"checkpoints": [t.outputs["checkpoint"] for t in trains], "labels": [t.name for t in trains],
-                "tasks": list(step.tasks), "out": "", "data_root": str(data_root()), "paths": paths}
+                "tasks": list(step.tasks), "out": "", "data_root": str(data_root().resolve()), "paths": paths}
         cfg = apply_overrides(from_dict(EvalConfig, data, source="workflow eval"), step.overrides)
-        settings = {"tasks": list(step.tasks), "overrides": list(step.overrides), "data_root": str(data_root())}
+        settings = {"tasks": list(step.tasks), "overrides": list(step.overrides)}
+        if any(task not in cfg.paths for task in expand_tasks(cfg.tasks)):  # some task reads DATA_ROOT
+            settings["data_root"] = str(Path(cfg.data_root).resolve())
         inputs = {"dataset": dataset.key, **{f"train:{t.name}": t.key for t in trains}}
         artifact = self.cache.artifact("eval", artifact_key("eval", settings, inputs))
         cfg = dataclasses.replace(cfg, out=artifact.path)
@@ -262,12 +268,17 @@ class WorkflowRunner:
     def _produce(self, artifact: Artifact, name: str, settings: Any, inputs: dict[str, str], make,
                  outputs: dict[str, Any], describe=None) -> StageRecord:
         """Return the cached artifact, or run ``make`` into its folder and mark it complete."""
-        if not self.dry_run and artifact.kind in self.forced and artifact.key not in self._recomputed and artifact.path.exists():
-            self.cache.remove(artifact)
-        self._recomputed.add(artifact.key)
-        if self.dry_run or artifact.complete:
-            record = StageRecord(artifact.kind, name, artifact.key, artifact.path, artifact.complete,
-                                 outputs={**outputs, **artifact.record().get("outputs", {})})
+        if not self.dry_run:  # a plan removes nothing and does not count as this run's recomputation
+            if artifact.kind in self.forced and artifact.key not in self._recomputed and artifact.path.exists():
+                self.cache.remove(artifact)
+            self._recomputed.add(artifact.key)
+        complete = artifact.complete
+        if self.dry_run or complete:
+            # Paths come from the artifact's current folder (the cache may have moved); the marker adds
+            # what only the run knew (feature_dim).
+            saved = artifact.record().get("outputs", {}) if complete else {}
+            record = StageRecord(artifact.kind, name, artifact.key, artifact.path, complete,
+                                 outputs={**saved, **outputs})
             if not self.dry_run:
                 self.log(f"[cached] {artifact.kind:<8} {name:<16} {artifact.path}")
             return record
