@@ -222,7 +222,8 @@ class WorkflowRunner:
 
     def _run_training(self, cfg, artifact: Artifact) -> None:
         """Train in this process, or under torchrun for several processes or nodes (``TORCHRUN_ARGS``)."""
-        resume = "latest" if (artifact.path / "checkpoints" / "latest.pt").is_file() else None
+        # any checkpoint means an interrupted run: "latest" also finds a step file whose link was not made yet
+        resume = "latest" if any((artifact.path / "checkpoints").glob("*.pt")) else None
         torchrun_args = os.environ.get("TORCHRUN_ARGS", "").split()
         if self.nproc <= 1 and not torchrun_args:
             from train.loop import train
