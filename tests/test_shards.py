@@ -1,3 +1,5 @@
+import io
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -10,6 +12,7 @@ from pipeline.shards import (
     SchemaVersionError,
     box_geometry,
     error_record,
+    load_npy,
     ragged_column,
     read_feature_frame,
     read_feature_table,
@@ -93,6 +96,37 @@ def test_damaged_shards_are_errors_naming_the_file(tmp_path, records):
     del sample["roi.npy"]
     with pytest.raises(CorruptShardError, match="shard.tar: sample .* lacks its roi.npy"):
         sample_to_record(sample, "shard.tar")
+
+
+def _npy(array, version=None):
+    buffer = io.BytesIO()
+    np.lib.format.write_array(buffer, array, version=version, allow_pickle=False)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("array", [
+    np.arange(12, dtype=np.float16).reshape(3, 4), np.zeros((0, 72), np.float16), np.arange(5, dtype=np.int32),
+    np.asfortranarray(np.arange(6, dtype=np.float32).reshape(2, 3)), np.array(3.5), np.arange(4, dtype=">i8"),
+], ids=["f16", "zero-rows", "i32", "fortran", "scalar", "big-endian"])
+@pytest.mark.parametrize("version", [(1, 0), (2, 0)])
+def test_load_npy_equals_np_load(array, version):
+    data = _npy(array, version)
+    expected = np.load(io.BytesIO(data), allow_pickle=False)
+    loaded = load_npy(data)
+    assert loaded.dtype == expected.dtype and loaded.shape == expected.shape and np.array_equal(loaded, expected)
+    assert loaded.flags.writeable and load_npy(data) is not loaded
+
+
+def test_load_npy_refuses_what_np_load_would():
+    data = _npy(np.arange(6, dtype=np.float32))
+    with pytest.raises(ValueError, match="needs 24 bytes"):
+        load_npy(data[:-4])
+    with pytest.raises(ValueError, match="not an .npy"):
+        load_npy(b"PK\x03\x04 a zip file")
+    buffer = io.BytesIO()
+    np.lib.format.write_array(buffer, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="never unpickled"):
+        load_npy(buffer.getvalue())
 
 
 def test_ragged_columns_are_flat_arrays(tmp_path, records):
