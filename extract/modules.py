@@ -234,12 +234,18 @@ class RoIFeatureExtractor(nn.Module):
             rois = torch.cat(
                 [torch.cat([b.new_full((len(b), 1), i), b], dim=1) for i, b in enumerate(boxes_per_image)]
             )
-            return roi_align(features, rois.to(features.dtype), self.resolution, self.spatial_scale, 0, False)
+            return self._align(features, rois)
         pooled = []
         for i, (boxes, (h, w)) in enumerate(zip(boxes_per_image, crops)):
             crop = features[i : i + 1, :, :h, :w].contiguous()
-            pooled.append(roi_align(crop, [boxes.to(crop.dtype)], self.resolution, self.spatial_scale, 0, False))
+            pooled.append(self._align(crop, torch.cat([boxes.new_zeros(len(boxes), 1), boxes], dim=1)))
         return torch.cat(pooled)
+
+    def _align(self, features: Tensor, rois: Tensor) -> Tensor:
+        """ROIAlign in float32 whatever the feature dtype: box coordinates in bfloat16 would move by up to
+        4 px (their spacing between 512 and 1023), so they never take the feature map's dtype."""
+        pooled = roi_align(features.float(), rois.float(), self.resolution, self.spatial_scale, 0, False)
+        return pooled.to(features.dtype)
 
     def forward(self, features: Tensor, boxes_per_image: list[Tensor],
                 image_sizes: list[tuple[int, int]]) -> Tensor:

@@ -182,7 +182,9 @@ class VinVLDetector(nn.Module):
     def preprocess(self, images: list[Image.Image]) -> tuple[Tensor, list[tuple[int, int]]]:
         """Legacy resize + normalisation, zero-padded bottom/right: ``(Tensor[N, 3, H, W], [(h, w)])``."""
         s = self.settings
-        tensors = [image_to_tensor(resize_image(im, s.min_size, s.max_size), s.pixel_mean) for im in images]
+        # RGB first, as VinVL's PIL loader does: resizing a palette or RGBA image in its own mode differs
+        rgb = [im if im.mode == "RGB" else im.convert("RGB") for im in images]
+        tensors = [image_to_tensor(resize_image(im, s.min_size, s.max_size), s.pixel_mean) for im in rgb]
         sizes = [(t.shape[1], t.shape[2]) for t in tensors]
         batch = torch.zeros(len(tensors), 3, max(h for h, _ in sizes), max(w for _, w in sizes))
         for i, t in enumerate(tensors):

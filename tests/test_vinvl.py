@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torchvision
 from PIL import Image
 from torchvision.ops import FrozenBatchNorm2d, nms
 
@@ -236,6 +237,28 @@ def test_batched_equals_one_at_a_time(tiny: VinVLDetector) -> None:
         np.testing.assert_allclose(alone["boxes"], got["boxes"], atol=1e-3)
         np.testing.assert_allclose(alone["features"], got["features"], atol=1e-3, rtol=1e-3)
         np.testing.assert_allclose(alone["attr_scores"], got["attr_scores"], atol=1e-4)
+
+
+def test_roi_align_keeps_box_coordinates_in_float32_under_bf16(tiny: VinVLDetector) -> None:
+    extractor = tiny.roi_heads.box.feature_extractor
+    features = torch.randn(1, 4, 64, 64)  # a 1024 px image at 1/16
+    boxes = [torch.tensor([[300.3, 410.7, 701.9, 777.2]])]
+    expected = torchvision.ops.roi_align(features.bfloat16().float(), [boxes[0]], extractor.resolution,
+                                         extractor.spatial_scale, 0, False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pooled = extractor.pool(features.bfloat16(), boxes, [(1024, 1024)])
+    torch.testing.assert_close(pooled.float(), expected, atol=1e-2, rtol=1e-2)
+    assert not torch.allclose(expected, torchvision.ops.roi_align(features, [boxes[0].bfloat16().float()],
+                                                                  extractor.resolution, extractor.spatial_scale,
+                                                                  0, False), atol=1e-2)  # rounding would show
+
+
+def test_palette_and_rgba_images_are_converted_before_resizing(tiny: VinVLDetector) -> None:
+    rgb = _images()[2]
+    palette = rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    batch, _ = tiny.preprocess([palette])
+    expected, _ = tiny.preprocess([palette.convert("RGB")])
+    assert torch.equal(batch, expected)
 
 
 def test_accepts_model_wrapper_and_unprefixed(tiny_files: tuple[Path, Path], tmp_path: Path) -> None:
