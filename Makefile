@@ -52,5 +52,8 @@ bench: setup
 study: setup
 	$(BIN)/python benchmarks/shapes_study.py --out docs/shapes-study
 
+# Tool caches only. Artifacts are not rubbish: `softclip cache gc WORKFLOW...` removes what no workflow
+# needs, `softclip cache ls` shows what is there; delete runs/ and cache/ by hand to drop everything.
 clean:
-	rm -rf runs cache .pytest_cache .ruff_cache build *.egg-info
+	rm -rf .pytest_cache .ruff_cache build *.egg-info
+	find . -path ./.venv -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +

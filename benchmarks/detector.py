@@ -3,8 +3,10 @@
     PYTHONPATH=. python benchmarks/detector.py                  # CPU: shapes variant + reduced X152
     PYTHONPATH=. python benchmarks/detector.py --device cuda    # GPU: X152 600x1000, fp32 b1 vs bf16/fp16 batched
 
-Random weights (FrozenBN statistics and predictors randomised so post-processing sees varied scores).
-The split times ``backbone`` (C4 body), ``rpn`` (head + proposals), ``box_head`` (ROIAlign + res5 +
+Random weights: the box and attribute predictors are redrawn so post-processing sees varied scores; the
+FrozenBN layers keep their identity statistics. ``peak_rss_gib`` (CPU) is the process's peak resident
+memory so far, so it also covers every run measured before it in the same process; ``peak_gpu_mem_gib`` is
+``torch.cuda.max_memory_allocated``. The split times ``backbone`` (C4 body), ``rpn`` (head + proposals), ``box_head`` (ROIAlign + res5 +
 predictor), ``postprocess`` (NMS_FILTER) and ``attribute_head`` on the same batch.
 """
 
