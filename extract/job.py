@@ -21,6 +21,9 @@ and it counts only when the manifest lists it with a checksum that still matches
 rows delivered twice by retried tasks; a rerun after any crash redoes exactly the shards not committed.
 *Bad input*: every sample becomes a row; problems are ``status="error"`` rows with a reason, and a
 shard that cannot be opened at all is a manifest entry (``"unreadable"``), retried on the next run.
+*Checked first* (before Ray starts): ``--out`` must be new, empty (but for the job's own ``.tmp-*``
+leftovers) or an extraction folder with ``manifest.json``, and outside the dataset's folder; the VinVL
+checkpoint's class and attribute counts must match the label map.
 
 Example::
 
@@ -46,17 +49,28 @@ from typing import Any
 from tqdm import tqdm
 
 from extract.actor import DetectorActor
-from extract.job_config import ExtractConfig
-from extract.manifest import Manifest
+from extract.checkpoint import CheckpointError, infer_arch, read_labelmap, read_state_dict
+from extract.job_config import DEFAULT_LOADER, ExtractConfig
+from extract.manifest import MANIFEST_NAME, Manifest
+from extract.pack import PACKED_DIR, pack_directory
 from extract.stages import read_shard_rows
-from extract.writer import ShardAssembler, remove_stale_temporaries
+from extract.writer import ShardAssembler, remove_stale_temporaries, stale_temporaries
 from pipeline.config import save_config
 from pipeline.io import file_sha256
 from pipeline.sources import open_source
 
-__all__ = ["ExtractSummary", "fingerprint", "resolve_dataset_spec", "run_extraction"]
+__all__ = ["ExtractSummary", "OutputDirError", "OutputNotEmptyError", "check_detector_files", "check_out_dir",
+           "fingerprint", "resolve_dataset_spec", "run_extraction"]
 
 _CODE_DIRS = ("extract", "pipeline")  # shipped to the workers of a joined cluster
+
+
+class OutputDirError(ValueError):
+    """``--out`` is the dataset's folder or lies inside it."""
+
+
+class OutputNotEmptyError(FileExistsError):
+    """``--out`` holds files but no ``manifest.json``: it is no extraction to resume."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -110,15 +124,72 @@ def fingerprint(cfg: ExtractConfig, spec: str) -> dict[str, Any]:
             "labelmap_sha256": file_sha256(cfg.labelmap), "settings": cfg.settings()}
 
 
+def _dataset_folder(spec: str) -> Path:
+    """The local folder holding the dataset ``spec`` (a folder, a brace pattern, a tar or captions file)."""
+    if "{" in spec:
+        return Path(os.path.dirname(spec[:spec.index("{")]) or ".").resolve()
+    path = Path(spec)
+    return (path if path.is_dir() else path.parent).resolve()
+
+
+def check_out_dir(out: Path, spec: str) -> None:
+    """Refuse an ``out`` that is (or is inside) the dataset's folder, a file, or a non-empty folder without
+    ``manifest.json``. The job's own ``.tmp-*`` temporaries (a run killed before its first manifest write)
+    do not count as content; they are removed when the run starts.
+
+    Raises:
+        OutputDirError: ``out`` is the dataset folder or inside it.
+        OutputNotEmptyError, FileExistsError: ``out`` holds something else, or is a file.
+    """
+    out, folder = out.resolve(), _dataset_folder(spec)
+    if out == folder or folder in out.parents:
+        raise OutputDirError(f"--out {out} is the dataset folder {folder} or inside it: feature shards there would "
+                             "mix with (and can overwrite, e.g. 00000.parquet) the dataset's own files; choose "
+                             "an --out outside it")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file, not a folder")
+    if not out.is_dir() or (out / MANIFEST_NAME).is_file():
+        return
+    ours = set(stale_temporaries(out))
+    foreign = sorted(p.name for p in out.iterdir() if p not in ours and not (
+        p.name == PACKED_DIR and p.is_dir() and all(q in ours for q in p.iterdir())))
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f", ... ({len(foreign) - 5} more)" if len(foreign) > 5 else "")
+        raise OutputNotEmptyError(f"--out {out} is not empty ({shown}) and has no {MANIFEST_NAME}, so it holds "
+                                  "no extraction to resume; refusing to write into it. Choose a new or empty "
+                                  "folder")
+
+
+def check_detector_files(cfg: ExtractConfig) -> None:
+    """For the VinVL loader, check that the checkpoint's class and attribute counts match the label map
+    (the check ``VinVLDetector.from_checkpoint`` makes inside each actor), so a mismatch stops the run
+    before Ray starts. Other loaders are checked only where they load, in the actors.
+
+    Raises:
+        CheckpointError: unreadable files, or counts that differ.
+    """
+    if cfg.loader != DEFAULT_LOADER:
+        return
+    arch = infer_arch(read_state_dict(cfg.weights), str(cfg.weights))
+    classes, attributes = read_labelmap(cfg.labelmap)
+    if (len(classes), len(attributes)) != (arch.num_classes, arch.num_attributes):
+        raise CheckpointError(
+            f"{cfg.labelmap}: {len(classes) - 1} classes / {len(attributes) - 1} attributes, but {cfg.weights} "
+            f"has {arch.num_classes - 1} / {arch.num_attributes - 1} (plus index 0); give the label map that "
+            "belongs to these weights")
+
+
 def _init_ray(cfg: ExtractConfig) -> bool:
-    """Join ``cfg.ray_address`` or start a local Ray; returns whether this call started it."""
+    """Join ``cfg.ray_address`` (else ``$RAY_ADDRESS``) or start a local Ray; returns whether this call
+    started it."""
     import ray
 
     if ray.is_initialized():
         return False
-    if cfg.ray_address:
+    address = cfg.ray_address or os.environ.get("RAY_ADDRESS", "")  # ray.init would read it without runtime_env
+    if address:
         root = Path(__file__).resolve().parent.parent
-        ray.init(address=cfg.ray_address, runtime_env={"py_modules": [str(root / d) for d in _CODE_DIRS]})
+        ray.init(address=address, runtime_env={"py_modules": [str(root / d) for d in _CODE_DIRS]})
     else:
         ray.init(num_cpus=cfg.num_cpus or None, include_dashboard=False, log_to_driver=False)
     return True
@@ -192,22 +263,28 @@ def run_extraction(cfg: ExtractConfig) -> ExtractSummary:
     """Run (or resume) the extraction described by ``cfg``; see the module docstring.
 
     Raises:
-        ManifestMismatchError: ``cfg.out`` holds an extraction with another fingerprint.
+        ManifestMismatchError: ``cfg.out`` holds an extraction with another fingerprint (or a malformed
+            manifest: ManifestFormatError).
+        OutputDirError, OutputNotEmptyError: ``cfg.out`` is inside the dataset, or holds other files.
+        CheckpointError: the checkpoint does not match the label map.
         FileNotFoundError, SourceError: the dataset or the detector files are missing.
     """
     start = time.perf_counter()
     spec = resolve_dataset_spec(cfg.dataset)
     cfg = cfg.replace(dataset=spec, out=cfg.out.resolve())
+    check_out_dir(cfg.out, spec)
     source = open_source(spec)
-    manifest = Manifest.open(cfg.out, fingerprint(cfg, spec))
+    found = fingerprint(cfg, spec)
+    check_detector_files(cfg)
+    manifest = Manifest.open(cfg.out, found)
     cfg.out.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(cfg.out)
     names = [s.name for s in source.shards]
     pending = [n for n in names if not manifest.verified(n, cfg.verify)]
     for name in pending:
         manifest.shards.pop(name, None)
+    manifest.save()  # first: a folder with our manifest is ours (see check_out_dir)
     save_config(cfg, cfg.out / "extract.yaml")
-    manifest.save()
     run = {"images_this_run": 0, "detector_seconds": 0.0, "actor_seconds": 0.0, "actors": 0,
            "startup_seconds": 0.0}
     started_ray = False
@@ -217,9 +294,7 @@ def run_extraction(cfg: ExtractConfig) -> ExtractSummary:
         if pending:
             run = _run_pending(cfg, spec, pending, manifest, start)
         if cfg.pack:
-            from extract.pack import pack_directory
-
-            pack_directory(cfg.out, progress=cfg.progress)
+            pack_directory(cfg.out, progress=cfg.progress, manifest=manifest)  # records "packed" in ours
     finally:
         if started_ray:
             import ray

@@ -1,7 +1,7 @@
 """``softclip extract`` and ``softclip inspect``: the extraction job's front doors.
 
 ``register(app)`` adds both commands to the root app (``pipeline.cli``), which also turns user errors
-(``ValueError``, ``FileNotFoundError``) into one line on stderr and exit status 2.
+(``ValueError``, ``FileNotFoundError``, ``FileExistsError``) into one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -65,11 +65,14 @@ def extract(
 def inspect(
     directory: Path = typer.Argument(..., help="An extraction output folder (or any folder of feature shards)."),
     top: int = typer.Option(10, help="How many of the most frequent classes, attributes and tags to list."),
+    verify: str = typer.Option("size", help="How shards are checked against manifest.json: size (fast) or "
+                                            "checksum (SHA-256, reads every byte)."),
 ) -> None:
-    """Summarise a feature directory: rows, errors by reason, boxes/image, frequent tags, bytes/image."""
+    """Summarise a feature directory: rows, errors by reason, boxes/image, frequent tags, bytes/image.
+    With a manifest, only its intact complete shards are read; others are reported."""
     from extract.inspect import inspect_features
 
-    typer.echo(inspect_features(directory, top=top).render())
+    typer.echo(inspect_features(directory, top=top, verify=verify).render())
 
 
 def register(app: typer.Typer) -> None:

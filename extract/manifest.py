@@ -5,7 +5,9 @@ place *and* the manifest (rewritten atomically after every shard) lists it with 
 SHA-256. A rerun trusts a shard only if its file still matches the recorded checksum (or size, with
 ``verify: size``); everything else is redone, so an interruption at any moment loses and duplicates
 nothing. The *fingerprint* (dataset, detector file checksums, output-defining settings) must match for
-a rerun to continue; otherwise :class:`ManifestMismatchError` refuses to mix outputs.
+a rerun to continue; otherwise :class:`ManifestMismatchError` refuses to mix outputs. A manifest that
+lists no shard yet (a first run failed before its first commit) takes the new fingerprint, with a warning.
+A malformed manifest raises :class:`ManifestFormatError` naming the file and what is wrong.
 
 Layout::
 
@@ -21,13 +23,16 @@ Layout::
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from pipeline.io import atomic_write_json, file_sha256
 
-__all__ = ["MANIFEST_NAME", "Manifest", "ManifestMismatchError", "shard_totals"]
+__all__ = ["MANIFEST_NAME", "Manifest", "ManifestFormatError", "ManifestMismatchError", "shard_totals"]
+
+log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
 _FORMAT, _VERSION = "softclip.extract", 1
@@ -35,6 +40,60 @@ _FORMAT, _VERSION = "softclip.extract", 1
 
 class ManifestMismatchError(ValueError):
     """An output directory holds an extraction made with another dataset, detector or settings."""
+
+
+class ManifestFormatError(ManifestMismatchError):
+    """``manifest.json`` is not valid JSON or lacks what an extraction manifest holds."""
+
+
+_ENTRY_KEYS = {"complete": {"file": str, "rows": int, "ok": int, "errors": dict, "boxes": int, "bytes": int,
+                            "sha256": str},
+               "unreadable": {"error": str}}
+_PACKED_KEYS = {"file": str, "bytes": int, "sha256": str, "feature_sha256": str}
+
+
+def _missing(obj: dict[str, Any], keys: dict[str, type]) -> list[str]:
+    """Keys of ``obj`` that are absent or not of their type (a JSON true/false is no number)."""
+    return [k for k, kind in keys.items() if not isinstance(obj.get(k), kind) or isinstance(obj.get(k), bool)]
+
+
+def _entry_problem(name: str, entry: Any) -> str | None:
+    """What is wrong with shard ``name``'s entry, or None."""
+    status = entry.get("status") if isinstance(entry, dict) else None
+    if status not in _ENTRY_KEYS:
+        return f"shard {name}: status {status!r} is neither 'complete' nor 'unreadable'"
+    if bad := _missing(entry, _ENTRY_KEYS[status]):
+        return f"shard {name}: {', '.join(map(repr, bad))} missing or of the wrong type"
+    packed = entry.get("packed")
+    if packed is not None and (not isinstance(packed, dict) or _missing(packed, _PACKED_KEYS)):
+        return f"shard {name}: 'packed' lacks one of {', '.join(map(repr, _PACKED_KEYS))}"
+    return None
+
+
+def _problem(data: Any) -> str | None:
+    """What is wrong with a parsed manifest, or None when its structure is sound."""
+    if not isinstance(data, dict):
+        return f"the top level is a JSON {type(data).__name__}, not an object"
+    if data.get("format") != _FORMAT or data.get("version") != _VERSION:
+        return f"format/version is {data.get('format')!r}/{data.get('version')!r}, not {_FORMAT!r}/{_VERSION}"
+    for key, kind in (("fingerprint", dict), ("detector", dict), ("shards", dict), ("runs", list)):
+        if not isinstance(data.get(key), kind):
+            return f"{key!r} is missing or not a JSON {'object' if kind is dict else 'array'}"
+    return next(filter(None, (_entry_problem(n, e) for n, e in data["shards"].items())), None)
+
+
+def _read(path: Path) -> dict[str, Any]:
+    """The parsed, structurally checked manifest at ``path``."""
+    advice = (f"delete {path.parent} (or {path.name} and every *.parquet and packed/ in it) to start over, "
+              "or choose another --out")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ManifestFormatError(f"{path}: not valid JSON ({err}); {advice}") from err
+    problem = _problem(data)
+    if problem:
+        raise ManifestFormatError(f"{path}: not a softclip extraction manifest: {problem}; {advice}")
+    return data
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -75,33 +134,39 @@ class Manifest:
 
     @classmethod
     def load(cls, out_dir: str | Path) -> Manifest:
-        """Read the manifest of an existing extraction directory (no fingerprint check)."""
+        """Read the manifest of an existing extraction directory (no fingerprint check).
+
+        Raises:
+            FileNotFoundError: no ``manifest.json`` in ``out_dir``.
+            ManifestFormatError: it is not a well-formed extraction manifest.
+        """
         path = Path(out_dir) / MANIFEST_NAME
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: {out_dir} is not an extraction directory "
                                     "(run softclip extract into it first)")
-        try:
-            found = json.loads(path.read_text()).get("fingerprint", {})
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-            found = {}  # open() below names the problem
-        return cls.open(out_dir, found)
+        return cls(path, _read(path))
 
     @classmethod
     def open(cls, out_dir: str | Path, fingerprint: dict[str, Any]) -> Manifest:
-        """Load ``out_dir/manifest.json`` (or start one); refuse one with another fingerprint."""
+        """Load ``out_dir/manifest.json`` (or start one); refuse one with another fingerprint.
+
+        A manifest that records no shard yet (a first run failed before committing any) takes the new
+        fingerprint, with a warning, so a run with the right detector files can follow a wrong one.
+
+        Raises:
+            ManifestMismatchError: the manifest records shards made with another fingerprint.
+            ManifestFormatError: the manifest is not a well-formed extraction manifest.
+        """
         path = Path(out_dir) / MANIFEST_NAME
         if not path.is_file():
             return cls(path, {"format": _FORMAT, "version": _VERSION, "fingerprint": fingerprint,
                               "detector": {}, "shards": {}, "totals": {}, "runs": []})
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ManifestMismatchError(f"{path}: not valid JSON ({err}); move the directory aside or "
-                                        "choose another --out") from err
-        if data.get("format") != _FORMAT or data.get("version") != _VERSION:
-            raise ManifestMismatchError(f"{path}: not a softclip extraction manifest (version {_VERSION})")
+        data = _read(path)
         diffs = _differences(data["fingerprint"], fingerprint)
-        if diffs:
+        if diffs and not data["shards"]:
+            log.warning("%s records no shards yet; replacing its fingerprint (%s)", path, "; ".join(diffs))
+            data.update(fingerprint=fingerprint, detector={})
+        elif diffs:
             raise ManifestMismatchError(
                 f"{path.parent} holds an extraction made differently ({'; '.join(diffs)}); refusing to mix "
                 "outputs. Use another --out, or delete that directory to start over.")

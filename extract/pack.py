@@ -75,11 +75,15 @@ def _packed_ok(out_dir: Path, entry: dict[str, Any]) -> bool:
     return path.is_file() and path.stat().st_size == packed["bytes"] and file_sha256(path) == packed["sha256"]
 
 
-def pack_directory(out_dir: str | Path, *, progress: bool = True) -> int:
+def pack_directory(out_dir: str | Path, *, progress: bool = True, manifest: Manifest | None = None) -> int:
     """Pack every complete feature shard of ``out_dir`` not packed yet (in Ray tasks when Ray is up, else
-    in this process); returns the number of shards packed now."""
+    in this process); returns the number of shards packed now.
+
+    ``manifest`` is the caller's open manifest of ``out_dir`` (read from disk when not given): the
+    ``"packed"`` entries are recorded in it, so a caller that saves it later keeps them.
+    """
     out_dir = Path(out_dir)
-    manifest = Manifest.load(out_dir)
+    manifest = Manifest.load(out_dir) if manifest is None else manifest
     spec = manifest.data["fingerprint"]["dataset"]
     todo = [name for name, e in manifest.shards.items() if e.get("status") == "complete" and not _packed_ok(out_dir, e)]
     jobs = [(out_dir / manifest.shards[n]["file"], spec, n, out_dir / PACKED_DIR / f"{n}.tar") for n in todo]

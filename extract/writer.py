@@ -8,7 +8,7 @@ committed), and when the shard's
 end-of-shard marker has arrived and every index ``0..n-1`` is in, closes the file, renames it into place
 (``os.replace``, atomic) and records it in the manifest. Files are kept open across batches, which is why
 this module renames by hand rather than through ``pipeline.io.atomic_path``; the naming is the same, so
-a crashed run's leftovers are removed by :func:`remove_stale_temporaries`.
+a crashed run's leftovers (here and under ``packed/``) are removed by :func:`remove_stale_temporaries`.
 """
 
 from __future__ import annotations
@@ -24,11 +24,13 @@ import pyarrow.parquet as pq
 
 from extract.actor import batch_to_records
 from extract.manifest import Manifest
+from extract.pack import PACKED_DIR
 from extract.stages import error_reason
 from pipeline.io import file_sha256, temporary_file_beside
 from pipeline.shards import FeatureRecord, feature_schema, records_to_table
 
-__all__ = ["IncompleteShardsError", "ShardAssembler", "feature_path", "remove_stale_temporaries"]
+__all__ = ["IncompleteShardsError", "ShardAssembler", "feature_path", "remove_stale_temporaries",
+           "stale_temporaries"]
 
 
 class IncompleteShardsError(RuntimeError):
@@ -40,9 +42,19 @@ def feature_path(out_dir: Path, shard: str) -> Path:
     return out_dir / f"{shard}.parquet"
 
 
+# The temporaries the job writes (``pipeline.io`` names them ``.tmp-<final name>.<random>``): feature
+# shards, manifest.json and extract.yaml at the top level; packed tars under packed/.
+_STALE_PATTERNS = (".tmp-*.parquet.*", ".tmp-manifest.json.*", ".tmp-extract.yaml.*", f"{PACKED_DIR}/.tmp-*.tar.*")
+
+
+def stale_temporaries(out_dir: Path) -> list[Path]:
+    """The job's ``.tmp-*`` files in ``out_dir`` and ``out_dir/packed`` (left by a killed run)."""
+    return sorted(p for pattern in _STALE_PATTERNS for p in out_dir.glob(pattern) if p.is_file())
+
+
 def remove_stale_temporaries(out_dir: Path) -> int:
-    """Delete ``.tmp-*`` files a killed run left in ``out_dir``; returns how many."""
-    stale = list(out_dir.glob(".tmp-*"))
+    """Delete :func:`stale_temporaries` (other files, even named ``.tmp-*``, stay); returns how many."""
+    stale = stale_temporaries(out_dir)
     for path in stale:
         path.unlink(missing_ok=True)
     return len(stale)

@@ -5,25 +5,37 @@ every kind of bad input, and an in-process run of the job's stages)."""
 from __future__ import annotations
 
 import io
+import logging
+import re
 import struct
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+import ray
 import torch
 from PIL import Image
 
+from extract import job
 from extract.actor import FEATURE_COLUMNS, DetectorActor, batch_to_records, detection_to_record
-from extract.checkpoint import write_checkpoint, write_labelmap
+from extract.checkpoint import CheckpointError, write_checkpoint, write_labelmap
 from extract.detector_config import DetectorArch, DetectorConfig
-from extract.job import fingerprint, resolve_dataset_spec
+from extract.job import (
+    OutputDirError,
+    OutputNotEmptyError,
+    check_out_dir,
+    fingerprint,
+    resolve_dataset_spec,
+    run_extraction,
+)
 from extract.job_config import ExtractConfig
-from extract.manifest import Manifest, ManifestMismatchError
+from extract.manifest import Manifest, ManifestFormatError, ManifestMismatchError
 from extract.stages import ROW_COLUMNS, read_shard_rows
 from extract.vinvl import VinVLDetector
-from extract.writer import IncompleteShardsError, ShardAssembler
+from extract.writer import IncompleteShardsError, ShardAssembler, remove_stale_temporaries
 from pipeline.img2dataset import ShardWriter
+from pipeline.io import file_sha256
 from pipeline.shards import read_feature_table, table_to_records
 
 TINY_ARCH = DetectorArch(blocks=(1, 1, 1, 1), groups=2, width_per_group=16, stem_channels=8, res2_channels=32,
@@ -242,3 +254,112 @@ def test_dataset_names_resolve_through_the_registry_and_paths_stay_paths(tmp_pat
     assert resolve_dataset_spec(str(tmp_path / "cc3m" / "{00000..00001}.tar")).endswith("{00000..00001}.tar")
     with pytest.raises(ValueError, match="unknown dataset 'nosuch'"):
         resolve_dataset_spec("nosuch")
+
+
+@pytest.mark.parametrize(("text", "problem"), [
+    ("[]", "top level is a JSON list"),
+    ('{"format": "softclip.extract", "version": 1, "detector": {}, "shards": {}, "runs": []}', "'fingerprint'"),
+    ('{"format": "softclip.extract", "version": 1, "fingerprint": {}, "detector": {}, "runs": [], "shards": '
+     '{"00000": {"status": "complete", "file": "00000.parquet", "rows": 1, "ok": 1, "errors": {}, "boxes": 2, '
+     '"bytes": 9}}}', "shard 00000: 'sha256' missing"),
+    ("{not json", "not valid JSON"),
+])
+def test_a_malformed_manifest_is_refused_naming_the_file_and_the_problem(tmp_path, text, problem):
+    (tmp_path / "manifest.json").write_text(text)
+    for read in (lambda: Manifest.load(tmp_path), lambda: Manifest.open(tmp_path, {"dataset": "x"})):
+        with pytest.raises(ManifestFormatError, match=re.escape(str(tmp_path / "manifest.json"))) as info:
+            read()
+        assert problem in str(info.value) and "to start over" in str(info.value)
+
+
+def test_a_manifest_without_shards_takes_a_new_fingerprint(tmp_path, caplog):
+    first = Manifest.open(tmp_path, {"dataset": "d", "labelmap_sha256": "wrong"})
+    first.set_detector("det-a", 8)
+    first.save()  # a run that failed before its first commit
+    with caplog.at_level(logging.WARNING, logger="extract.manifest"):
+        second = Manifest.open(tmp_path, {"dataset": "d", "labelmap_sha256": "right"})
+    assert second.data["fingerprint"]["labelmap_sha256"] == "right" and second.data["detector"] == {}
+    assert "replacing its fingerprint" in caplog.text and "labelmap_sha256: 'wrong' -> 'right'" in caplog.text
+    second.record("00000", {"status": "unreadable", "error": "cannot open"})
+    with pytest.raises(ManifestMismatchError, match="labelmap_sha256"):
+        Manifest.open(tmp_path, {"dataset": "d", "labelmap_sha256": "other"})
+
+
+def _no_ray(cfg):
+    raise AssertionError("Ray was started before the input checks")
+
+
+def test_a_failed_first_run_does_not_lock_the_folder(tmp_path, bad_source, monkeypatch):
+    cfg = tiny_config(tmp_path, bad_source)
+    monkeypatch.setattr(job, "_init_ray", lambda cfg: False)
+
+    def dying_actors(*args):
+        raise RuntimeError("the actors died")
+
+    monkeypatch.setattr(job, "_run_pending", dying_actors)
+    with pytest.raises(RuntimeError, match="actors died"):
+        run_extraction(cfg)
+    assert (cfg.out / "manifest.json").is_file()
+    other = tmp_path / "other" / "labelmap.json"  # same sizes, other names: another checksum
+    write_labelmap(other, CLASSES[:1] + [f"thing{i}" for i in range(1, 9)], ATTRIBUTES)
+    done = {"images_this_run": 0, "detector_seconds": 0.0, "actor_seconds": 0.0, "actors": 1, "startup_seconds": 0.0}
+    monkeypatch.setattr(job, "_run_pending", lambda *args: done)
+    run_extraction(cfg.replace(labelmap=other))
+    assert Manifest.load(cfg.out).data["fingerprint"]["labelmap_sha256"] == file_sha256(other)
+
+
+def test_a_label_map_that_does_not_fit_the_weights_stops_before_ray(tmp_path, bad_source, monkeypatch):
+    wrong = write_labelmap(tmp_path / "wrong.json", CLASSES[:3], ATTRIBUTES[:2])
+    monkeypatch.setattr(job, "_init_ray", _no_ray)
+    with pytest.raises(CheckpointError, match=r"wrong.json: 2 classes / 1 attributes, but .*model.pth has 8 / 10"):
+        run_extraction(tiny_config(tmp_path, bad_source, labelmap=wrong))
+    assert not (tmp_path / "features").exists()
+
+
+def test_out_inside_the_dataset_or_not_empty_is_refused(tmp_path, shapes_world, monkeypatch):
+    monkeypatch.setattr(job, "_init_ray", _no_ray)
+    train = shapes_world / "train"
+    before = (train / "00000.parquet").read_bytes()
+    for dataset, out in ((train, train), (train / "{00000..00001}.tar", train / "features")):
+        with pytest.raises(OutputDirError, match=f"--out {re.escape(str(out))} is the dataset folder"):
+            run_extraction(tiny_config(tmp_path, dataset, out=out))
+    assert (train / "00000.parquet").read_bytes() == before and not (train / "features").exists()
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    with pytest.raises(OutputNotEmptyError, match=f"--out {re.escape(str(busy))} is not empty \\(notes.txt\\)"):
+        run_extraction(tiny_config(tmp_path, train, out=busy))
+    assert [p.name for p in busy.iterdir()] == ["notes.txt"]
+    leftovers = tmp_path / "crashed"  # only the job's own temporaries: a new extraction may start here
+    (leftovers / "packed").mkdir(parents=True)
+    (leftovers / ".tmp-00000.parquet.x1").write_bytes(b"partial")
+    (leftovers / "packed" / ".tmp-00000.tar.x2").write_bytes(b"partial")
+    check_out_dir(leftovers, str(train))
+    (leftovers / "manifest.json").write_text("{}")  # with a manifest, Manifest.open decides
+    (leftovers / "00000.parquet").write_bytes(b"x")
+    check_out_dir(leftovers, str(train))
+
+
+def test_stale_temporaries_are_removed_at_the_top_and_under_packed(tmp_path):
+    (tmp_path / "packed").mkdir()
+    stale = [tmp_path / ".tmp-00001.parquet.ab12", tmp_path / ".tmp-manifest.json.cd34",
+             tmp_path / ".tmp-extract.yaml.ef56", tmp_path / "packed" / ".tmp-00001.tar.gh78"]
+    kept = [tmp_path / ".tmp-notes.txt", tmp_path / "packed" / "00000.tar", tmp_path / "00000.parquet"]
+    for path in stale + kept:
+        path.write_bytes(b"x")
+    assert remove_stale_temporaries(tmp_path) == 4
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
+
+
+def test_ray_address_from_the_environment_joins_with_the_code(tmp_path, bad_source, monkeypatch):
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    cfg = tiny_config(tmp_path, bad_source)
+    assert job._init_ray(cfg) is True
+    assert calls[-1]["address"] == "ray://head:10001"
+    assert [Path(p).name for p in calls[-1]["runtime_env"]["py_modules"]] == ["extract", "pipeline"]
+    assert job._init_ray(cfg.replace(ray_address="auto")) and calls[-1]["address"] == "auto"
+    monkeypatch.delenv("RAY_ADDRESS")
+    assert job._init_ray(cfg) and "address" not in calls[-1] and "runtime_env" not in calls[-1]

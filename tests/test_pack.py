@@ -6,8 +6,11 @@ import numpy as np
 import webdataset as wds
 from test_extract_job_actor import extract_without_ray, tiny_config
 
+from extract import job
+from extract.job import run_extraction
 from extract.manifest import Manifest
 from extract.pack import pack_directory
+from pipeline.io import file_sha256
 from pipeline.shards import read_feature_table, read_webdataset_shard, sample_to_record, table_to_records
 from pipeline.sources import open_source
 
@@ -36,3 +39,20 @@ def test_pack_reads_back_with_webdataset_and_pipeline(tmp_path, shapes_world):
     assert pack_directory(cfg.out, progress=False) == 0  # resumable: nothing left to pack
     (cfg.out / "packed" / "00002.tar").write_bytes(b"damaged")
     assert pack_directory(cfg.out, progress=False) == 1
+
+
+def test_rerunning_a_packed_extraction_repacks_nothing(tmp_path, shapes_world, monkeypatch):
+    cfg = tiny_config(tmp_path, shapes_world / "train" / "{00002..00002}.tar", max_boxes=8, pack=True)
+    extract_without_ray(cfg, ["00002"])
+    monkeypatch.setattr(job, "_init_ray", lambda cfg: False)  # nothing to extract; pack in this process
+    run_extraction(cfg)
+    packed = cfg.out / "packed" / "00002.tar"
+    stamp = (packed.stat().st_ino, packed.stat().st_mtime_ns)
+    assert Manifest.load(cfg.out).shards["00002"]["packed"]["samples"] == 20
+    for _ in range(2):
+        assert run_extraction(cfg).shards_skipped == 1
+        assert (packed.stat().st_ino, packed.stat().st_mtime_ns) == stamp  # not rewritten
+        manifest = Manifest.load(cfg.out)
+        assert manifest.shards["00002"]["packed"]["sha256"] == file_sha256(packed)
+        assert pack_directory(cfg.out, progress=False) == 0
+    assert len(manifest.data["runs"]) == 3
