@@ -191,12 +191,19 @@ def _load_imagenet(directory: Path) -> ClassificationSet:
             f"task 'imagenet': {directory} holds {len(wnids)} WordNet-id folders, expected "
             f"{len(IMAGENET_CLASSNAMES)}. Expected {TASKS['imagenet'].layout}."
         )
-    files, labels = [], []
+    files, labels, empty = [], [], []
     for label, wnid in enumerate(wnids):
-        for path in sorted((directory / wnid).iterdir()):
-            if path.suffix.lower() in _IMAGE_SUFFIXES:
-                files.append(path)
-                labels.append(label)
+        images = [p for p in sorted((directory / wnid).iterdir()) if p.suffix.lower() in _IMAGE_SUFFIXES]
+        if not images:
+            empty.append(wnid)
+        files += images
+        labels += [label] * len(images)
+    if empty:  # a half-copied val set would otherwise be scored on a subset without a word
+        raise MissingDatasetError(
+            f"task 'imagenet': {len(empty)} of the {len(wnids)} class folders in {directory} hold no image "
+            f"(first: {empty[0]}); {len(files)} images found, the ILSVRC2012 val set has 50,000. "
+            f"Expected {TASKS['imagenet'].layout}."
+        )
     return ClassificationSet("imagenet", files, labels, list(IMAGENET_CLASSNAMES), imagenet_templates())
 
 

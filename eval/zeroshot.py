@@ -64,6 +64,9 @@ def _check_logits_labels(logits: torch.Tensor, labels: torch.Tensor) -> None:
         raise ValueError(
             f"labels must lie in [0, {logits.shape[1]}); got range [{int(labels.min())}, {int(labels.max())}]"
         )
+    if not torch.isfinite(logits).all():  # a NaN true score would rank first and count as a hit
+        raise ValueError("logits contain NaN or inf (from the image embeddings or the classifier); check the "
+                         "model and its precision")
 
 
 def true_class_ranks(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,14 @@
-"""Write image-text shards exactly as img2dataset lays them out.
+"""Write image-text shards as img2dataset lays them out.
 
 A shard ``NNNNN`` is three files: ``NNNNN.tar`` (per sample ``<key>.jpg``, ``<key>.txt``, ``<key>.json``),
 ``NNNNN.parquet`` (one row per sample with the json fields) and ``NNNNN_stats.json``. Keys have 9 digits:
 5 for the shard and 4 for the index inside it. The shapes world and the tests write through this module,
 so every reader in the project is exercised on the real layout.
+
+Two departures, both only reachable from tests: ``write(None, ...)`` (a failed download) still puts the
+sample's ``.json`` in the tar, where img2dataset writes it to the parquet only, so readers can be tested on
+a sample without an image; and ``caption=None`` writes no ``.txt``, where img2dataset writes an empty one.
+The shapes world never uses either.
 """
 
 from __future__ import annotations

@@ -39,11 +39,13 @@ def test_shapes_command(tmp_path):
 
 def test_datasets_command_reports_presence(tmp_path, monkeypatch):
     (tmp_path / "shapes" / "train").mkdir(parents=True)
+    (tmp_path / "shapes" / "train" / "00000.tar").write_bytes(b"")
+    (tmp_path / "cc12m").mkdir()
     monkeypatch.setenv("DATA_ROOT", str(tmp_path))
     result = runner.invoke(build_app(), ["datasets"])
     assert result.exit_code == 0
     lines = {line.split()[0]: line for line in result.output.splitlines()}
-    assert "present" in lines["shapes"] and "missing" in lines["cc3m"]
+    assert "present" in lines["shapes"] and "missing" in lines["cc3m"] and "empty" in lines["cc12m"]
 
 
 def test_console_script_reports_user_errors_in_one_line(tmp_path):

@@ -76,12 +76,16 @@ def test_imagenet_folder_order_is_class_order(tmp_path):
 
     root = tmp_path / "imagenet" / "val"
     wnids = [f"n{index:08d}" for index in range(1000)]
-    for wnid in wnids:
+    for index, wnid in enumerate(wnids):
         (root / wnid).mkdir(parents=True)
-    (root / wnids[7] / "ILSVRC2012_val_00000001.JPEG").write_bytes(b"")
-    (root / wnids[999] / "ILSVRC2012_val_00000002.JPEG").write_bytes(b"")
+        if index not in (7, 999):
+            (root / wnid / f"ILSVRC2012_val_{index + 1:08d}.JPEG").write_bytes(b"")
+    with pytest.raises(MissingDatasetError, match="2 of the 1000 class folders .* hold no image .*n00000007"):
+        load_classification_set("imagenet", root)  # a half-copied val set
+    (root / wnids[7] / "ILSVRC2012_val_00000008.JPEG").write_bytes(b"")
+    (root / wnids[999] / "ILSVRC2012_val_00001000.jpeg").write_bytes(b"")
     data = load_classification_set("imagenet", task_directory("imagenet", tmp_path))
-    assert data.labels == [7, 999]
+    assert data.labels == list(range(1000)) and data.files[7].name == "ILSVRC2012_val_00000008.JPEG"
     assert data.classnames == list(IMAGENET_CLASSNAMES)
     assert len(data.templates) == 80 and data.templates[0] == "a bad photo of a {}."
     assert all("{}" in t for t in imagenet_templates())

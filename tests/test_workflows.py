@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from pipeline.config import ConfigError, load_config
-from workflows.cache import ArtifactCache, CorruptArtifactError, artifact_key
+from workflows.cache import ArtifactCache, CorruptArtifactError, artifact_key, tree_fingerprint
 from workflows.config import WorkflowConfig
 from workflows.runner import WorkflowRunner, _project_file, load_workflow
 
@@ -210,6 +210,23 @@ def test_keys_do_not_depend_on_how_data_root_is_spelled(tmp_path, monkeypatch):
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
     assert relative == absolute == _keys(workflow, tmp_path / "cache")
+    images = data / "imagenet" / "val" / "n01440764"
+    images.mkdir(parents=True)
+    with_imagenet = _keys(workflow, tmp_path / "cache")
+    assert with_imagenet[:-1] == absolute[:-1] and with_imagenet[-1] != absolute[-1]  # only eval is re-keyed
+    (images / "ILSVRC2012_val_00000293.JPEG").write_bytes(b"jpeg")
+    assert _keys(workflow, tmp_path / "cache")[-1] != with_imagenet[-1]  # the copy went on: evaluate again
+    assert _keys(workflow, tmp_path / "cache") == _keys(workflow, tmp_path / "cache")
+
+
+def test_a_shallow_tree_fingerprint_reads_only_the_top_levels(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "b" / "deep.txt").write_text("x")
+    shallow, deep = tree_fingerprint(tmp_path, max_depth=1), tree_fingerprint(tmp_path, max_depth=3)
+    os.utime(tmp_path / "a" / "b" / "deep.txt", ns=(1, 1))  # three levels down: seen at depth 3, not 1
+    assert tree_fingerprint(tmp_path, max_depth=1) == shallow and tree_fingerprint(tmp_path, max_depth=3) != deep
+    (tmp_path / "a" / "new.txt").write_text("y")  # changes a's modification time
+    assert tree_fingerprint(tmp_path, max_depth=1) != shallow
 
 
 def test_shipped_demo_keys_and_files_do_not_depend_on_the_working_directory(tmp_path, monkeypatch):

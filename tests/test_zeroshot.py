@@ -67,6 +67,16 @@ def test_labels_out_of_range_are_rejected():
         true_class_ranks(torch.zeros(2, 3), torch.tensor([0, 3]))
 
 
+def test_nan_embeddings_are_an_error_not_a_perfect_score():
+    images = torch.full((4, 6), float("nan"))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        classification_metrics(images, torch.eye(6), torch.tensor([0, 1, 2, 3]))
+    classifier = torch.eye(6)
+    classifier[2] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        classification_metrics(torch.eye(6)[:4], classifier, torch.tensor([0, 1, 2, 3]))
+
+
 def test_classification_metrics_end_to_end_and_top5_needs_five_classes():
     classifier = torch.eye(6)
     images = torch.eye(6)[[0, 1, 2, 3]] * 3.0

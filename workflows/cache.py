@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,18 +58,32 @@ def file_fingerprint(path: str | Path) -> str:
     return _SHA_MEMO[memo_key]
 
 
-def tree_fingerprint(path: str | Path) -> str:
+def tree_fingerprint(path: str | Path, *, max_depth: int | None = None) -> str:
     """A cheap fingerprint of a user-provided dataset: names, sizes and modification times of its files.
 
     Hashing the bytes of a multi-terabyte dataset is not practical; a changed, added or removed file
-    changes this fingerprint."""
+    changes this fingerprint. With ``max_depth``, only entries (files and folders) that many levels down
+    are read: a folder's modification time changes when an entry is added to or removed from it, so depth 1
+    notices a half-copied image folder with one ``stat`` per entry of the top folder."""
     root = Path(path)
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    if root.is_file():
+        entries = [root]
+    elif max_depth is None:
+        entries = sorted(p for p in root.rglob("*") if p.is_file())
+    else:
+        entries = sorted(_entries_to_depth(root, max_depth))
     digest = hashlib.sha256()
-    for p in files:
+    for p in entries:
         stat = p.stat()
         digest.update(f"{p.relative_to(root) if p != root else p.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:16]
+
+
+def _entries_to_depth(folder: Path, depth: int) -> Iterator[Path]:
+    for child in folder.iterdir():
+        yield child
+        if depth > 1 and child.is_dir():
+            yield from _entries_to_depth(child, depth - 1)
 
 
 @dataclasses.dataclass(frozen=True)

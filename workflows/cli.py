@@ -96,18 +96,20 @@ def cache_gc(keep: list[Path] = typer.Argument(None, help="Workflow files whose 
 
 
 def datasets(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
-    """List the registered datasets and whether each is present under DATA_ROOT."""
+    """List the registered datasets and whether each is under DATA_ROOT: ``missing``, ``empty`` (a folder with
+    nothing in it) or ``present`` (something is there; its layout is checked when a stage reads it)."""
     rows = []
     for name in list_datasets():
         spec = load_dataset_spec(name)
         location = data_root() / spec.path
-        rows.append({"name": name, "kind": spec.kind, "path": str(location), "present": location.exists()})
+        state = ("missing" if not location.exists()
+                 else "empty" if location.is_dir() and not any(location.iterdir()) else "present")
+        rows.append({"name": name, "kind": spec.kind, "path": str(location), "state": state})
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
     for row in rows:
-        state = "present" if row["present"] else "missing"
-        typer.echo(f"{row['name']:<10} {row['kind']:<15} {state:<8} {row['path']}")
+        typer.echo(f"{row['name']:<10} {row['kind']:<15} {row['state']:<8} {row['path']}")
 
 
 def register(app: typer.Typer) -> None:

@@ -240,7 +240,7 @@ class WorkflowRunner:
         subprocess.run(command, check=True)
 
     def _eval(self, dataset: StageRecord, trains: list[StageRecord]) -> StageRecord:
-        from eval.datasets import expand_tasks
+        from eval.datasets import TASKS, expand_tasks
         from eval.evaluate import EvalConfig, run_eval
 
         step = self.workflow.eval
@@ -254,8 +254,12 @@ class WorkflowRunner:
                 "tasks": list(step.tasks), "out": "", "data_root": str(data_root().resolve()), "paths": paths}
         cfg = apply_overrides(from_dict(EvalConfig, data, source="workflow eval"), step.overrides)
         settings = {"tasks": list(step.tasks), "overrides": list(step.overrides)}
-        if any(task not in cfg.paths for task in expand_tasks(cfg.tasks)):  # some task reads DATA_ROOT
+        from_data_root = [task for task in expand_tasks(cfg.tasks) if task not in cfg.paths]
+        if from_data_root:  # these tasks read DATA_ROOT: its location and a shallow fingerprint of their folders
             settings["data_root"] = str(Path(cfg.data_root).resolve())
+            folders = {task: Path(settings["data_root"]) / TASKS[task].relative_dir for task in from_data_root}
+            settings["task_data"] = {task: tree_fingerprint(folder, max_depth=1) if folder.is_dir() else "missing"
+                                     for task, folder in folders.items()}
         inputs = {"dataset": dataset.key, **{f"train:{t.name}": t.key for t in trains}}
         artifact = self.cache.artifact("eval", artifact_key("eval", settings, inputs))
         cfg = dataclasses.replace(cfg, out=artifact.path)
