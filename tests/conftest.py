@@ -16,3 +16,15 @@ def shapes_world(tmp_path_factory):
     out = tmp_path_factory.mktemp("shapes_world")
     generate(out, SMALL_WORLD, progress=False)
     return out
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` are skipped where torch sees no CUDA device."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

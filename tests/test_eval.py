@@ -210,3 +210,84 @@ def test_corrupt_evaluation_cache_names_the_file(world, tmp_path):
                      num_workers=0)
     with pytest.raises(ValueError, match=r"clip.json: unreadable evaluation cache"):
         evaluate.run_eval(cfg)
+
+
+# --- an oracle model: proves that images stay aligned with their labels and captions -----------------------
+#
+# Each image is a flat PNG whose grey level names what it shows (a class for classification, a picture
+# number for retrieval); each text names the same thing as its first number ("shape 2", "picture 7, ...").
+# The oracle embeds both as one-hot vectors of that number, so a correct pipeline scores exactly 1.0 and
+# any shift between an image and its label or caption scores (close to) 0.
+
+_ORACLE_DIM = 32
+_GREY_STEP = 7  # grey level = 7 * id: exact in PNG, one id per image
+
+
+def _oracle_preprocess(image) -> torch.Tensor:  # module level, so DataLoader workers can pickle it
+    return torch.tensor([image.getpixel((0, 0))[0] // _GREY_STEP])
+
+
+def _oracle_tokenizer(texts: list[str]) -> torch.Tensor:
+    import re
+
+    return torch.tensor([[int(re.search(r"\d+", text).group())] for text in texts])
+
+
+class _OracleModel(torch.nn.Module):
+    def encode_image(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.one_hot(ids[:, 0].long(), _ORACLE_DIM).float()
+
+    encode_text = encode_image
+
+
+def _write_oracle_world(root: Path) -> None:
+    """A shapes-layout data root: 9 classification images of 3 classes (neighbours differ) and 13
+    retrieval pictures with 2 captions each, listed in a shuffled order."""
+    from PIL import Image
+
+    def png(path: Path, grey: int) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), (grey * _GREY_STEP,) * 3).save(path)
+
+    classification = root / "shapes" / "eval" / "classification"
+    samples = [{"file": f"images/{i:02d}.png", "label": i % 3} for i in range(9)]
+    for sample in samples:
+        png(classification / sample["file"], sample["label"])
+    (classification / "shape.json").write_text(json.dumps({
+        "classnames": ["shape 0", "shape 1", "shape 2"], "templates": ["a {}.", "a photo of a {}."],
+        "samples": samples}))
+
+    retrieval = root / "shapes" / "eval" / "retrieval"
+    entries = []
+    for n in (7, 3, 11, 0, 9, 5, 12, 1, 8, 2, 10, 4, 6):  # JSON order != file-name order != grey order
+        png(retrieval / "images" / f"p{(n * 5) % 13:02d}.png", n)
+        entries.append({"filepath": "images", "filename": f"p{(n * 5) % 13:02d}.png", "split": "test",
+                        "sentences": [{"raw": f"picture {n}, caption {k}."} for k in range(2)]})
+    (retrieval / "dataset_karpathy.json").write_text(json.dumps({"images": entries}))
+
+
+def test_a_perfect_model_scores_perfectly_at_any_batch_size_and_worker_count(tmp_path, monkeypatch):
+    """run_eval (dataset loading, DataLoader batching and workers, embedding, metrics) gives an exactly
+    right model top-1 = 1 and R@1 = 1 both ways, identically for batch sizes 1 / 4 / 64 and 0 / 2 workers.
+    A regression that misaligns images with their labels or captions (e.g. a shifted embedding) fails."""
+    import eval.evaluate as evaluate
+    from eval.checkpoint import LoadedModel
+
+    _write_oracle_world(tmp_path / "data")
+    checkpoint = tmp_path / "oracle.pt"
+    checkpoint.write_bytes(b"unused: the loader is replaced by the oracle")
+    oracle = LoadedModel(_OracleModel(), _oracle_preprocess, _oracle_tokenizer, "oracle")
+    monkeypatch.setattr(evaluate, "load_open_clip_checkpoint", lambda *args, **kwargs: oracle)
+
+    results = {}
+    for batch_size, num_workers in ((1, 0), (4, 2), (64, 0)):
+        cfg = EvalConfig(checkpoints=(checkpoint,), labels=("oracle",), tasks=("shapes-shape", "shapes-retrieval"),
+                         out=tmp_path / f"r{batch_size}_{num_workers}", data_root=tmp_path / "data",
+                         batch_size=batch_size, num_workers=num_workers, device="cpu")
+        results[batch_size, num_workers] = evaluate.run_eval(cfg)["results"]["oracle"]
+
+    first = results[1, 0]
+    assert first["shapes-shape"] == {"top1": 1.0, "top5": None, "mean_per_class_recall": 1.0}
+    assert first["shapes-retrieval"]["image_to_text_R@1"] == 1.0
+    assert first["shapes-retrieval"]["text_to_image_R@1"] == 1.0
+    assert all(result == first for result in results.values()), results

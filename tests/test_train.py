@@ -121,7 +121,8 @@ def _ddp_train(rank, world_size, port, cfg):
 
 
 @pytest.mark.slow
-def test_two_process_gloo_training_writes_one_checkpoint(data_root, tmp_path):
+@pytest.mark.parametrize("name", ["shapes-softclip", "shapes-clip"])  # CLIP: the unused ROI branch stays out of DDP
+def test_two_process_gloo_training_writes_one_checkpoint(data_root, tmp_path, name):
     import socket
 
     import torch.multiprocessing as mp
@@ -129,7 +130,7 @@ def test_two_process_gloo_training_writes_one_checkpoint(data_root, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cfg = _cfg(data_root, tmp_path / "ddp", "shapes-softclip", "optim.max_steps=3")
+    cfg = _cfg(data_root, tmp_path / "ddp", name, "optim.max_steps=3")
     mp.spawn(_ddp_train, args=(2, port, cfg), nprocs=2, join=True)
     ckpt = torch.load(tmp_path / "ddp" / "checkpoints" / "latest.pt", weights_only=True)
     assert ckpt["step"] == 3 and len(ckpt["data_position"]) == 2 and len(ckpt["rng"]) == 2

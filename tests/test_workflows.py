@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -90,6 +89,19 @@ def test_changing_a_training_setting_reruns_only_training_and_eval(first_run, tm
     assert {(r.stage, r.name): r.key for r in result.records}[("train", "softclip")] == keys[("train", "softclip")]
 
 
+def test_forcing_training_reruns_training_and_eval_only_and_until_stops_early(first_run, tmp_path):
+    _, path, cache, first = first_run
+    copy = tmp_path / "cache"
+    shutil.copytree(cache, copy)
+    result, _ = _run(path, copy, force=("train",))
+    assert [(r.stage, r.cached) for r in result.records] == [
+        ("dataset", True), ("detector", True), ("extract", True), ("train", False), ("train", False),
+        ("eval", False)]
+    assert [r.key for r in result.records] == [r.key for r in first.records]
+    extract_only, _ = _run(path, copy, until="extract")
+    assert [r.stage for r in extract_only.records] == ["dataset", "detector", "extract"]
+
+
 def test_execution_settings_do_not_change_keys(first_run, tmp_path):
     _, path, cache, first = first_run
     spec = yaml.safe_load(path.read_text())
@@ -132,14 +144,17 @@ def test_a_killed_run_resumes(first_run, tmp_path):
     path = _workflow(tmp_path, ["optim.max_steps=0", "optim.epochs=10", "optim.lr=3.0e-3"])  # 30 steps
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     command = [sys.executable, "-m", "pipeline", "run", str(path), "--cache-dir", str(cache)]
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "killed-run.log"  # what the child printed, for a failure on a slow machine
+    with open(log, "wb") as out:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     deadline = time.time() + 240
     checkpoints = []
     while time.time() < deadline and process.poll() is None and not checkpoints:
         checkpoints = [p for p in (cache / "train").glob("*/checkpoints/step_*.pt")
                        if not (p.parents[1] / "artifact.json").exists()]
         time.sleep(0.2)
-    assert checkpoints and process.poll() is None, "the run ended before a mid-training checkpoint appeared"
+    assert checkpoints and process.poll() is None, (
+        f"the run ended before a mid-training checkpoint appeared; its output ends:\n{log.read_text()[-3000:]}")
     process.send_signal(signal.SIGKILL)
     process.wait()
     result, lines = _run(path, cache)
@@ -172,12 +187,13 @@ def test_missing_released_weights_say_where_they_are_expected(tmp_path, monkeypa
     (tmp_path / "cc3m").mkdir()
     monkeypatch.setenv("DATA_ROOT", str(tmp_path))
     workflow = load_workflow(ROOT / "workflows/configs/cc3m.yaml")
-    with pytest.raises(FileNotFoundError, match="vinvl_vg_x152c4.pth"):
+    with pytest.raises(FileNotFoundError, match=r"detector weights not found: .*vinvl_vg_x152c4\.pth.*On a GPU pool"):
         WorkflowRunner(workflow, cache=ArtifactCache(tmp_path / "cache"), log=lambda _: None).plan()
 
 
 def test_keys_depend_on_settings_and_inputs():
-    assert artifact_key("train", {"lr": 1}, {"extract": "a"}) == artifact_key("train", {"lr": 1}, {"extract": "a"})
+    assert artifact_key("train", {"lr": 1, "wd": 0}, {"extract": "a"}) == artifact_key(
+        "train", {"wd": 0, "lr": 1}, {"extract": "a"})  # key order does not matter
     assert artifact_key("train", {"lr": 1}, {"extract": "a"}) != artifact_key("train", {"lr": 2}, {"extract": "a"})
     assert artifact_key("train", {"lr": 1}, {"extract": "a"}) != artifact_key("train", {"lr": 1}, {"extract": "b"})
 
@@ -187,7 +203,7 @@ def test_every_shipped_workflow_loads():
         workflow = load_workflow(path)
         for step in workflow.train:
             assert (ROOT / step.config).is_file(), f"{path.name}: {step.config} does not exist"
-        assert dataclasses.is_dataclass(workflow)
+        assert (ROOT / workflow.extract.config).is_file(), f"{path.name}: {workflow.extract.config} does not exist"
 
 
 def _keys(workflow: WorkflowConfig, cache: Path) -> list[str]:
@@ -214,8 +230,9 @@ def test_keys_do_not_depend_on_how_data_root_is_spelled(tmp_path, monkeypatch):
     images.mkdir(parents=True)
     with_imagenet = _keys(workflow, tmp_path / "cache")
     assert with_imagenet[:-1] == absolute[:-1] and with_imagenet[-1] != absolute[-1]  # only eval is re-keyed
-    (images / "ILSVRC2012_val_00000293.JPEG").write_bytes(b"jpeg")
-    assert _keys(workflow, tmp_path / "cache")[-1] != with_imagenet[-1]  # the copy went on: evaluate again
+    (images / "ILSVRC2012_val_00000293.JPEG").write_bytes(b"jpeg")  # the copy went on: evaluate again
+    os.utime(images, ns=(images.stat().st_atime_ns, images.stat().st_mtime_ns + 10**9))  # coarse clocks
+    assert _keys(workflow, tmp_path / "cache")[-1] != with_imagenet[-1]
     assert _keys(workflow, tmp_path / "cache") == _keys(workflow, tmp_path / "cache")
 
 
@@ -225,7 +242,9 @@ def test_a_shallow_tree_fingerprint_reads_only_the_top_levels(tmp_path):
     shallow, deep = tree_fingerprint(tmp_path, max_depth=1), tree_fingerprint(tmp_path, max_depth=3)
     os.utime(tmp_path / "a" / "b" / "deep.txt", ns=(1, 1))  # three levels down: seen at depth 3, not 1
     assert tree_fingerprint(tmp_path, max_depth=1) == shallow and tree_fingerprint(tmp_path, max_depth=3) != deep
-    (tmp_path / "a" / "new.txt").write_text("y")  # changes a's modification time
+    (tmp_path / "a" / "new.txt").write_text("y")
+    a = tmp_path / "a"  # adding an entry moves a's modification time; set it so clock granularity cannot hide it
+    os.utime(a, ns=(a.stat().st_atime_ns, a.stat().st_mtime_ns + 10**9))
     assert tree_fingerprint(tmp_path, max_depth=1) != shallow
 
 
