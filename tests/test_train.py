@@ -136,6 +136,17 @@ def test_two_process_gloo_training_writes_one_checkpoint(data_root, tmp_path, na
     assert ckpt["step"] == 3 and len(ckpt["data_position"]) == 2 and len(ckpt["rng"]) == 2
     steps = [json.loads(line)["step"] for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
+    with pytest.raises(ValueError, match="saved by 2 ranks, this run has 1"):  # the data position is per rank
+        train(cfg, resume="latest")
+
+
+def test_a_non_finite_loss_stops_training_with_advice():
+    from train.loop import _log_metrics
+
+    timing = {"elapsed": 1.0, "steps": 1, "data_wait": 0.0}
+    with pytest.raises(FloatingPointError, match="diverged; lower optim.lr"):
+        _log_metrics({"loss": torch.tensor(float("nan"))}, 1e-3, timing, {}, 16)
+    assert _log_metrics({"loss": torch.tensor(2.0)}, 1e-3, timing, {}, 16)["samples_per_s"] == 16.0
 
 
 def test_beta_zero_is_refused_unless_clip():
