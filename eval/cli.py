@@ -6,11 +6,10 @@ import time
 from pathlib import Path
 
 import typer
-import yaml
 
 from eval.datasets import TASKS
 from eval.evaluate import EvalConfig, run_eval
-from pipeline.config import ConfigError, apply_overrides, from_dict
+from pipeline.config import ConfigError, apply_overrides, from_dict, read_yaml
 
 __all__ = ["build_config", "eval_command", "register"]
 
@@ -32,14 +31,7 @@ def build_config(
     data: dict = {}
     source = "command line"
     if config is not None:
-        if not config.is_file():
-            raise FileNotFoundError(f"config file not found: {config}")
-        try:
-            data = yaml.safe_load(config.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{config}: not valid YAML: {err}") from err
-        if not isinstance(data, dict):
-            raise ConfigError(f"{config}: expected a mapping at the top level")
+        data = read_yaml(config)
         source = f"{config} + command line"
     if checkpoints:
         pairs = [_split_checkpoint(item) for item in checkpoints]

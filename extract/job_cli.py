@@ -10,9 +10,8 @@ import os
 from pathlib import Path
 
 import typer
-import yaml
 
-from pipeline.config import ConfigError, apply_overrides, from_dict
+from pipeline.config import apply_overrides, from_dict, read_yaml
 
 __all__ = ["DEFAULT_CONFIG", "extract", "inspect", "load_extract_config", "register"]
 
@@ -28,12 +27,7 @@ def load_extract_config(path: str | Path, *, dataset: str, weights: str | Path, 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"extraction config not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from err
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of settings at the top level")
+    data = read_yaml(path)
     data.update(dataset=str(dataset), weights=str(weights), labelmap=str(labelmap), out=str(out))
     return apply_overrides(from_dict(ExtractConfig, data, source=str(path)), list(overrides), source="--set")
 

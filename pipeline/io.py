@@ -23,10 +23,10 @@ _UMASK = os.umask(0)  # read once at import (os.umask can only be read by settin
 os.umask(_UMASK)  # ... and put back at once
 
 
-def temporary_file_beside(path: Path, prefix: str | None = None) -> Path:
+def temporary_file_beside(path: Path) -> Path:
     """Create an empty ``.tmp-<name>.*`` file in ``path``'s folder (made if missing), mode ``0o666 & ~umask``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=prefix or f".tmp-{path.name}.", dir=path.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
     os.close(fd)
     os.chmod(tmp_name, 0o666 & ~_UMASK)
     return Path(tmp_name)

@@ -1,8 +1,9 @@
 """Training checkpoints: plain dicts that ``torch.load(path, weights_only=True)`` reads.
 
-Layout of ``RUN_DIR/checkpoints/``: ``step_XXXXXXX.pt`` per checkpointed step and ``latest.pt``, always the
-newest one (both written atomically, ``latest.pt`` last). ``latest.pt`` is a hard link to the newest step file,
-so it costs no disk space (a copy on file systems without hard links); deleting step files leaves it intact.
+Layout of ``RUN_DIR/checkpoints/``: one step file per checkpointed step, named by the step zero-padded to
+7 digits (``step_0001000.pt``), and ``latest.pt``, always the newest one (both written atomically,
+``latest.pt`` last). ``latest.pt`` is a hard link to the newest step file, so it costs no disk space (a copy
+on file systems without hard links); deleting step files leaves it intact.
 A checkpoint holds:
 
 - ``state_dict``: the open_clip ``CLIP`` state dict in open_clip's own layout (what
@@ -31,7 +32,7 @@ __all__ = ["capture_rng", "checkpoint_path", "resolve_resume", "restore_rng", "s
 
 
 def checkpoint_path(run_dir: str | Path, step: int) -> Path:
-    """``RUN_DIR/checkpoints/step_XXXXXXX.pt`` (7 digits)."""
+    """The step file of ``step``: ``RUN_DIR/checkpoints/step_0001000.pt`` for step 1000."""
     return Path(run_dir) / "checkpoints" / f"step_{step:07d}.pt"
 
 
@@ -61,7 +62,7 @@ def restore_rng(state: dict) -> None:
 
 
 def save_checkpoint(run_dir: str | Path, step: int, checkpoint: dict, *, keep: int = 0) -> Path:
-    """Write ``checkpoint`` as ``step_XXXXXXX.pt`` (fsynced) and then ``latest.pt``, atomically; with
+    """Write ``checkpoint`` as its step file (fsynced) and then ``latest.pt``, atomically; with
     ``keep > 0`` only ``keep`` step files are kept: this one and the highest-numbered others. Returns the
     step file."""
     path = checkpoint_path(run_dir, step)
@@ -96,7 +97,7 @@ def _link_or_copy(source: Path, target: Path) -> None:
 
 def resolve_resume(resume: str, run_dir: str | Path) -> Path:
     """The checkpoint file of ``--resume``: ``latest`` means ``RUN_DIR/checkpoints/latest.pt``, or the newest
-    ``step_XXXXXXX.pt`` when a crash came between writing that and linking ``latest.pt``."""
+    step file when a crash came between writing that and linking ``latest.pt``."""
     path = Path(run_dir) / "checkpoints" / "latest.pt" if resume == "latest" else Path(resume)
     if resume == "latest" and not path.is_file():
         path = max(path.parent.glob("step_*.pt"), default=path)
