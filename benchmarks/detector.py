@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from extract.detector_config import DetectorArch, DetectorConfig, DetectorSettings
-from extract.vinvl import VinVLDetector
-from pipeline.config import load_config
+from softclip.extract.detector_config import DetectorArch, DetectorConfig, DetectorSettings
+from softclip.extract.vinvl import VinVLDetector
+from softclip.pipeline.config import load_config
 
 
 def _randomised(cfg: DetectorConfig, device: str) -> VinVLDetector:

@@ -30,13 +30,13 @@ from pathlib import Path
 import ray
 import torch
 
-from extract.checkpoint import write_checkpoint, write_labelmap
-from extract.detector_config import DetectorArch, DetectorConfig
-from extract.job import run_extraction
-from extract.job_config import ExtractConfig
-from extract.vinvl import VinVLDetector
-from pipeline.config import load_config
-from pipeline.shapes import ShapesConfig, generate
+from softclip.extract.checkpoint import write_checkpoint, write_labelmap
+from softclip.extract.detector_config import DetectorArch, DetectorConfig
+from softclip.extract.job import run_extraction
+from softclip.extract.job_config import ExtractConfig
+from softclip.extract.vinvl import VinVLDetector
+from softclip.pipeline.config import load_config
+from softclip.pipeline.shapes import ShapesConfig, generate
 
 REPO = Path(__file__).resolve().parents[1]
 CC3M_IMAGES = 3_318_333

@@ -23,16 +23,22 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from softclip.pipeline.config import load_config
+from softclip.pipeline.io import atomic_write_json, atomic_write_text
+from softclip.pipeline.shapes import ShapesConfig
+from softclip.train.config import TrainConfig
+from softclip.workflows.cache import ArtifactCache
+from softclip.workflows.config import (
+    DatasetStep,
+    DetectorStep,
+    EvalStep,
+    ExtractStep,
+    TrainStep,
+    WorkflowConfig,
+)
+from softclip.workflows.runner import WorkflowRunner
 
-from pipeline.config import load_config  # noqa: E402
-from pipeline.io import atomic_write_json, atomic_write_text  # noqa: E402
-from pipeline.shapes import ShapesConfig  # noqa: E402
-from train.config import TrainConfig  # noqa: E402
-from workflows.cache import ArtifactCache  # noqa: E402
-from workflows.config import DatasetStep, DetectorStep, EvalStep, ExtractStep, TrainStep, WorkflowConfig  # noqa: E402
-from workflows.runner import WorkflowRunner  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 METHODS = {  # part 1: name -> training overrides
     "clip": ["loss.lam=0", "loss.mu=0"],

@@ -18,23 +18,19 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-# Run as a script, this file's folder comes first on sys.path and its name would shadow the `train` package.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import torch
 
-import torch  # noqa: E402
-
-from pipeline.annotation_features import ANNOTATION_FEATURE_DIM, write_annotation_shards  # noqa: E402
-from pipeline.shapes import ShapesConfig, generate  # noqa: E402
-from train.config import DataConfig, ModelConfig, OptimConfig, TrainConfig  # noqa: E402
-from train.data import TrainData  # noqa: E402
-from train.loop import param_groups, train_step  # noqa: E402
-from train.losses import SoftCLIPLoss  # noqa: E402
-from train.model import build_model  # noqa: E402
+from softclip.pipeline.annotation_features import ANNOTATION_FEATURE_DIM, write_annotation_shards
+from softclip.pipeline.shapes import ShapesConfig, generate
+from softclip.train.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
+from softclip.train.data import TrainData
+from softclip.train.loop import param_groups, train_step
+from softclip.train.losses import SoftCLIPLoss
+from softclip.train.model import build_model
 
 
 def _setting(cuda: bool) -> dict:

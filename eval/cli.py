@@ -7,9 +7,9 @@ from pathlib import Path
 
 import typer
 
-from eval.datasets import TASKS
-from eval.evaluate import EvalConfig, run_eval
-from pipeline.config import ConfigError, apply_overrides, from_dict, read_yaml
+from softclip.eval.datasets import TASKS
+from softclip.eval.evaluate import EvalConfig, run_eval
+from softclip.pipeline.config import ConfigError, apply_overrides, from_dict, read_yaml
 
 __all__ = ["build_config", "eval_command", "register"]
 

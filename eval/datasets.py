@@ -1,7 +1,7 @@
 """Evaluation datasets: where each task's files are expected, and readers for them.
 
 :data:`TASKS` is the one table of task -> expected layout (relative to ``DATA_ROOT``, matching the
-dataset registry in ``workflows/datasets/*.yaml``). A missing folder or annotation file raises
+dataset registry in ``pipeline/datasets/*.yaml``). A missing folder or annotation file raises
 :class:`MissingDatasetError` saying what is expected and where to put it.
 
 Readers return plain lists of image paths plus labels or captions; the images are decoded lazily by
@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 from torch.utils.data import Dataset
 
-from pipeline.images import ImageDecodeError, decode_image
+from softclip.pipeline.images import ImageDecodeError, decode_image
 
 __all__ = [
     "TASKS",

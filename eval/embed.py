@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from eval.zeroshot import classifier_from_template_embeddings
+from softclip.eval.zeroshot import classifier_from_template_embeddings
 
 __all__ = ["encode_images", "encode_texts", "pick_device", "zero_shot_classifier"]
 

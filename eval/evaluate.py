@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from eval.checkpoint import LoadedModel, load_open_clip_checkpoint
-from eval.datasets import (
+from softclip.eval.checkpoint import LoadedModel, load_open_clip_checkpoint
+from softclip.eval.datasets import (
     TASKS,
     ClassificationSet,
     ImageFiles,
@@ -31,12 +31,12 @@ from eval.datasets import (
     load_retrieval_set,
     task_directory,
 )
-from eval.embed import encode_images, encode_texts, pick_device, zero_shot_classifier
-from eval.report import write_report
-from eval.retrieval import retrieval_metrics
-from eval.zeroshot import classification_metrics
-from pipeline.config import save_config, to_dict
-from pipeline.io import atomic_write_json, file_sha256
+from softclip.eval.embed import encode_images, encode_texts, pick_device, zero_shot_classifier
+from softclip.eval.report import write_report
+from softclip.eval.retrieval import retrieval_metrics
+from softclip.eval.zeroshot import classification_metrics
+from softclip.pipeline.config import save_config, to_dict
+from softclip.pipeline.io import atomic_write_json, file_sha256
 
 __all__ = ["EvalConfig", "checkpoint_labels", "evaluate_model", "run_eval"]
 

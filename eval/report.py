@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.io import atomic_path, atomic_write_json, atomic_write_text
+from softclip.pipeline.io import atomic_path, atomic_write_json, atomic_write_text
 
 __all__ = ["METRIC_TITLES", "Results", "format_markdown", "metric_title", "plot_results", "write_report"]
 

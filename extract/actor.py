@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from extract.job_config import ExtractConfig
-from extract.vinvl import format_tags
-from pipeline.shards import FeatureRecord, error_record
+from softclip.extract.job_config import ExtractConfig
+from softclip.extract.vinvl import format_tags
+from softclip.pipeline.shards import FeatureRecord, error_record
 
 __all__ = ["FEATURE_COLUMNS", "DetectorActor", "batch_to_records", "detection_to_record", "load_detector",
            "records_to_batch", "resolve_loader"]

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from extract.detector_config import DetectorArch
-from pipeline.io import atomic_write_bytes, atomic_write_json
+from softclip.extract.detector_config import DetectorArch
+from softclip.pipeline.io import atomic_write_bytes, atomic_write_json
 
 __all__ = [
     "ALIAS_PREFIX",

@@ -29,7 +29,7 @@ def _settings_overrides(items: list[str]) -> dict:
 
 
 def _load(weights: Path, labelmap: Path, config: Path | None, overrides: list[str], device: str):
-    from extract.vinvl import VinVLDetector
+    from softclip.extract.vinvl import VinVLDetector
 
     return VinVLDetector.from_checkpoint(weights, labelmap, config=config, device=device,
                                          **_settings_overrides(overrides))
@@ -38,7 +38,7 @@ def _load(weights: Path, labelmap: Path, config: Path | None, overrides: list[st
 def _draw(image, result: dict, out: Path) -> None:
     from PIL import ImageDraw
 
-    from pipeline.io import atomic_path
+    from softclip.pipeline.io import atomic_path
 
     canvas = image.copy()
     draw = ImageDraw.Draw(canvas)
@@ -67,7 +67,7 @@ def detect_command(
     device: str = typer.Option("cpu", "--device"),
 ) -> None:
     """Detect objects and attributes; prints boxes, scores and "attribute class" tags."""
-    from pipeline.images import ImageDecodeError, decode_image
+    from softclip.pipeline.images import ImageDecodeError, decode_image
 
     detector = _load(weights, labelmap, config, overrides, device)
     decoded = []
@@ -102,9 +102,9 @@ def train_command(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Train a detector of the VinVL family on box-annotated tars (the shapes world)."""
-    from extract.detector_config import DetectorConfig
-    from extract.detector_train import train_detector
-    from pipeline.config import apply_overrides, load_config
+    from softclip.extract.detector_config import DetectorConfig
+    from softclip.extract.detector_train import train_detector
+    from softclip.pipeline.config import apply_overrides, load_config
 
     cfg = apply_overrides(load_config(DetectorConfig, config), overrides)
     summary = train_detector(cfg, data, out, progress=progress)
@@ -123,8 +123,8 @@ def eval_command(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Tag ("colour shape") precision and recall on the held-out annotated shapes images."""
-    from extract.detector_eval import evaluate_tags
-    from pipeline.shapes import COLOURS
+    from softclip.extract.detector_eval import evaluate_tags
+    from softclip.pipeline.shapes import COLOURS
 
     detector = _load(weights, labelmap, config, overrides, "cpu")
     report = evaluate_tags(detector, data, colours=COLOURS, progress=progress)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from pipeline.config import from_dict, to_dict
+from softclip.pipeline.config import from_dict, to_dict
 
 __all__ = ["DetectorArch", "DetectorConfig", "DetectorSettings", "DetectorTrainConfig"]
 

@@ -20,8 +20,8 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from extract.vinvl import VinVLDetector
-from pipeline.images import ImageDecodeError, decode_image
+from softclip.extract.vinvl import VinVLDetector
+from softclip.pipeline.images import ImageDecodeError, decode_image
 
 __all__ = ["evaluate_tags", "load_eval_set", "predicted_tags"]
 

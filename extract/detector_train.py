@@ -24,14 +24,14 @@ from torch import Tensor
 from torchvision.ops import FrozenBatchNorm2d
 from tqdm import tqdm
 
-from extract.checkpoint import BACKGROUND, NO_ATTRIBUTE, write_checkpoint, write_labelmap
-from extract.detector_config import DetectorConfig
-from extract.legacy import encode_boxes
-from extract.losses import attribute_loss, fastrcnn_loss, rpn_loss, sample_proposals
-from extract.postprocess import rpn_proposals
-from extract.vinvl import BOX_REG_WEIGHTS, VinVLDetector
-from pipeline.config import save_config
-from pipeline.images import ImageDecodeError, decode_image
+from softclip.extract.checkpoint import BACKGROUND, NO_ATTRIBUTE, write_checkpoint, write_labelmap
+from softclip.extract.detector_config import DetectorConfig
+from softclip.extract.legacy import encode_boxes
+from softclip.extract.losses import attribute_loss, fastrcnn_loss, rpn_loss, sample_proposals
+from softclip.extract.postprocess import rpn_proposals
+from softclip.extract.vinvl import BOX_REG_WEIGHTS, VinVLDetector
+from softclip.pipeline.config import save_config
+from softclip.pipeline.images import ImageDecodeError, decode_image
 
 __all__ = ["AnnotatedImage", "load_annotated_tars", "shapes_vocabulary", "train_detector", "training_losses"]
 
@@ -48,7 +48,7 @@ class AnnotatedImage:
 
 def shapes_vocabulary() -> tuple[list[str], list[str]]:
     """Class names (background + ``pipeline.shapes.SHAPES``) and attribute names (none + colours + sizes)."""
-    from pipeline.shapes import COLOURS, SHAPES, SIZES
+    from softclip.pipeline.shapes import COLOURS, SHAPES, SIZES
 
     return [BACKGROUND, *SHAPES], [NO_ATTRIBUTE, *COLOURS, *SIZES]
 

@@ -16,9 +16,9 @@ from typing import Literal
 
 import polars as pl
 
-from extract.manifest import MANIFEST_NAME, Manifest
-from pipeline.io import file_sha256
-from pipeline.shards import read_feature_table
+from softclip.extract.manifest import MANIFEST_NAME, Manifest
+from softclip.pipeline.io import file_sha256
+from softclip.pipeline.shards import read_feature_table
 
 __all__ = ["FeatureDirReport", "inspect_features"]
 

@@ -42,27 +42,30 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from extract.actor import DetectorActor
-from extract.checkpoint import CheckpointError, infer_arch, read_labelmap, read_state_dict
-from extract.job_config import DEFAULT_LOADER, ExtractConfig
-from extract.manifest import MANIFEST_NAME, Manifest
-from extract.pack import PACKED_DIR, pack_directory
-from extract.stages import read_shard_rows
-from extract.writer import ShardAssembler, remove_stale_temporaries, stale_temporaries
-from pipeline.config import save_config
-from pipeline.io import file_sha256
-from pipeline.sources import open_source
+from softclip.extract.actor import DetectorActor
+from softclip.extract.checkpoint import CheckpointError, infer_arch, read_labelmap, read_state_dict
+from softclip.extract.job_config import DEFAULT_LOADER, ExtractConfig
+from softclip.extract.manifest import MANIFEST_NAME, Manifest
+from softclip.extract.pack import PACKED_DIR, pack_directory
+from softclip.extract.stages import read_shard_rows
+from softclip.extract.writer import ShardAssembler, remove_stale_temporaries, stale_temporaries
+from softclip.pipeline.config import save_config
+from softclip.pipeline.io import file_sha256
+from softclip.pipeline.registry import resolve_dataset
+from softclip.pipeline.sources import open_source
 
 __all__ = ["ExtractSummary", "OutputDirError", "OutputNotEmptyError", "check_detector_files", "check_out_dir",
-           "fingerprint", "resolve_dataset_spec", "run_extraction"]
+           "fingerprint", "resolve_dataset_spec", "run_extraction", "stage_worker_package"]
 
-_CODE_DIRS = ("extract", "pipeline")  # shipped to the workers of a joined cluster
+_CODE_DIRS = ("extract", "pipeline")  # the subpackages shipped to the workers of a joined cluster
 
 
 class OutputDirError(ValueError):
@@ -107,10 +110,9 @@ class ExtractSummary:
 
 def resolve_dataset_spec(name_or_path: str) -> str:
     """A dataset path or brace pattern as an absolute spec; a bare name (no path separator, no such
-    file) is looked up in the dataset registry (``workflows/datasets/<name>.yaml`` under ``DATA_ROOT``)."""
+    file) is looked up in the dataset registry (``pipeline/datasets/<name>.yaml`` under ``DATA_ROOT``)."""
     if "{" in name_or_path or os.sep in name_or_path or Path(name_or_path).exists():
         return os.path.abspath(name_or_path)
-    from workflows.datasets import resolve_dataset  # a stage may use the registry; pipeline/ may not
 
     return os.path.abspath(resolve_dataset(name_or_path))
 
@@ -188,11 +190,26 @@ def _init_ray(cfg: ExtractConfig) -> bool:
         return False
     address = cfg.ray_address or os.environ.get("RAY_ADDRESS", "")  # ray.init would read it without runtime_env
     if address:
-        root = Path(__file__).resolve().parent.parent
-        ray.init(address=address, runtime_env={"py_modules": [str(root / d) for d in _CODE_DIRS]})
+        with tempfile.TemporaryDirectory(prefix="softclip-ray-") as staging:  # ray.init uploads it here
+            ray.init(address=address, runtime_env={"py_modules": [str(stage_worker_package(Path(staging)))]})
     else:
         ray.init(num_cpus=cfg.num_cpus or None, include_dashboard=False, log_to_driver=False)
     return True
+
+
+def stage_worker_package(staging: Path) -> Path:
+    """Copy the ``softclip`` package, with only the subpackages the workers run, to ``staging/softclip``.
+
+    Ray names a shipped module after its folder, and the repository folder may have any name, so the
+    workers of a joined cluster get a copy whose folder is named ``softclip``.
+    """
+    root = Path(__file__).resolve().parent.parent
+    package = staging / "softclip"
+    package.mkdir()
+    shutil.copy2(root / "__init__.py", package / "__init__.py")
+    for name in _CODE_DIRS:
+        shutil.copytree(root / name, package / name, ignore=shutil.ignore_patterns("__pycache__", "weights"))
+    return package
 
 
 def _actor_plan(cfg: ExtractConfig) -> tuple[ExtractConfig, int, float]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-from pipeline.config import apply_overrides, from_dict, read_yaml
+from softclip.pipeline.config import apply_overrides, from_dict, read_yaml
 
 __all__ = ["DEFAULT_CONFIG", "extract", "inspect", "load_extract_config", "register"]
 
@@ -22,7 +22,7 @@ def load_extract_config(path: str | Path, *, dataset: str, weights: str | Path, 
                         out: str | Path, overrides: list[str] | tuple[str, ...] = ()):
     """An :class:`~extract.job_config.ExtractConfig` from a settings YAML (which leaves out the paths)
     plus the paths and ``key=value`` overrides; unknown keys are errors naming the file."""
-    from extract.job_config import ExtractConfig
+    from softclip.extract.job_config import ExtractConfig
 
     path = Path(path)
     if not path.is_file():
@@ -44,7 +44,7 @@ def extract(
     set_: list[str] = typer.Option([], "--set", help="Override any setting, e.g. --set batch_size=16."),
 ) -> None:
     """Extract ROI features with a pool of detector actors on Ray (joins $RAY_ADDRESS when set)."""
-    from extract.job import run_extraction
+    from softclip.extract.job import run_extraction
 
     given = [f"{k}={v}" for k, v in (("max_boxes", max_boxes), ("actors", actors)) if v is not None]
     if pack:
@@ -64,7 +64,7 @@ def inspect(
 ) -> None:
     """Summarise a feature directory: rows, errors by reason, boxes/image, frequent tags, bytes/image.
     With a manifest, only its intact complete shards are read; others are reported."""
-    from extract.inspect import inspect_features
+    from softclip.extract.inspect import inspect_features
 
     typer.echo(inspect_features(directory, top=top, verify=verify).render())
 

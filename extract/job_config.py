@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pipeline.config import to_dict
-from pipeline.images import DEFAULT_MAX_PIXELS
+from softclip.pipeline.config import to_dict
+from softclip.pipeline.images import DEFAULT_MAX_PIXELS
 
 __all__ = ["DEFAULT_LOADER", "ExtractConfig"]
 
-DEFAULT_LOADER = "extract.vinvl:VinVLDetector.from_checkpoint"
+DEFAULT_LOADER = "softclip.extract.vinvl:VinVLDetector.from_checkpoint"
 _FINGERPRINT_FIELDS = ("max_boxes", "max_pixels", "require_caption", "detector_overrides", "loader")
 
 

@@ -28,7 +28,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from pipeline.io import atomic_write_json, file_sha256
+from softclip.pipeline.io import atomic_write_json, file_sha256
 
 __all__ = ["MANIFEST_NAME", "Manifest", "ManifestFormatError", "ManifestMismatchError", "shard_totals"]
 

@@ -22,8 +22,8 @@ from torch import Tensor, nn
 from torchvision.models.resnet import Bottleneck
 from torchvision.ops import FrozenBatchNorm2d, roi_align
 
-from extract.detector_config import DetectorArch
-from extract.legacy import generate_cell_anchors
+from softclip.extract.detector_config import DetectorArch
+from softclip.extract.legacy import generate_cell_anchors
 
 __all__ = [
     "AttributeHead",

@@ -19,10 +19,15 @@ from typing import Any
 
 from tqdm import tqdm
 
-from extract.manifest import Manifest
-from pipeline.io import file_sha256
-from pipeline.shards import FeatureRecord, read_feature_table, table_to_records, write_webdataset_shard
-from pipeline.sources import open_source
+from softclip.extract.manifest import Manifest
+from softclip.pipeline.io import file_sha256
+from softclip.pipeline.shards import (
+    FeatureRecord,
+    read_feature_table,
+    table_to_records,
+    write_webdataset_shard,
+)
+from softclip.pipeline.sources import open_source
 
 __all__ = ["PACKED_DIR", "pack_directory", "pack_shard"]
 

@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.images import ImageDecodeError, decode_image
-from pipeline.sources import Source, SourceError, open_source
+from softclip.pipeline.images import ImageDecodeError, decode_image
+from softclip.pipeline.sources import Source, SourceError, open_source
 
 __all__ = ["ERROR_REASONS", "ROW_COLUMNS", "decode_sample", "error_reason", "read_shard_rows"]
 

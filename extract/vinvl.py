@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from extract.checkpoint import (
+from softclip.extract.checkpoint import (
     ALIAS_PREFIX,
     BOX_EXTRACTOR_PREFIX,
     CheckpointError,
@@ -33,9 +33,9 @@ from extract.checkpoint import (
     read_labelmap,
     read_state_dict,
 )
-from extract.detector_config import DetectorConfig, DetectorSettings
-from extract.legacy import clip_boxes_legacy, decode_boxes, image_to_tensor, resize_image
-from extract.modules import (
+from softclip.extract.detector_config import DetectorConfig, DetectorSettings
+from softclip.extract.legacy import clip_boxes_legacy, decode_boxes, image_to_tensor, resize_image
+from softclip.extract.modules import (
     AttributeHead,
     AttributePredictor,
     RegionProposalNetwork,
@@ -43,9 +43,9 @@ from extract.modules import (
     RoIBoxHead,
     _RoIHeads,
 )
-from extract.postprocess import filter_detections, postprocess_attributes, rpn_proposals
-from pipeline.config import config_hash, load_config
-from pipeline.shards import box_geometry
+from softclip.extract.postprocess import filter_detections, postprocess_attributes, rpn_proposals
+from softclip.pipeline.config import config_hash, load_config
+from softclip.pipeline.shards import box_geometry
 
 __all__ = ["BOX_REG_WEIGHTS", "CheckpointError", "VinVLDetector", "format_tags"]
 

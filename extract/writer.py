@@ -22,12 +22,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from extract.actor import batch_to_records
-from extract.manifest import Manifest
-from extract.pack import PACKED_DIR
-from extract.stages import error_reason
-from pipeline.io import file_sha256, temporary_file_beside
-from pipeline.shards import FeatureRecord, feature_schema, records_to_table
+from softclip.extract.actor import batch_to_records
+from softclip.extract.manifest import Manifest
+from softclip.extract.pack import PACKED_DIR
+from softclip.extract.stages import error_reason
+from softclip.pipeline.io import file_sha256, temporary_file_beside
+from softclip.pipeline.shards import FeatureRecord, feature_schema, records_to_table
 
 __all__ = ["IncompleteShardsError", "ShardAssembler", "feature_path", "remove_stale_temporaries",
            "stale_temporaries"]

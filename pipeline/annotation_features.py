@@ -14,16 +14,16 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from pipeline.images import ImageDecodeError, decode_image
-from pipeline.shapes import COLOURS, SHAPES
-from pipeline.shards import (
+from softclip.pipeline.images import ImageDecodeError, decode_image
+from softclip.pipeline.shapes import COLOURS, SHAPES
+from softclip.pipeline.shards import (
     FeatureRecord,
     box_geometry,
     error_record,
     write_parquet_shard,
     write_webdataset_shard,
 )
-from pipeline.sources import Sample, open_source
+from softclip.pipeline.sources import Sample, open_source
 
 __all__ = ["ANNOTATION_DETECTOR", "ANNOTATION_FEATURE_DIM", "annotation_record", "annotation_roi_features",
            "write_annotation_shards"]

@@ -13,14 +13,15 @@ from pathlib import Path
 
 import typer
 
-from pipeline.config import apply_overrides, load_config
-from pipeline.shapes import ShapesConfig, generate
+from softclip.pipeline.config import apply_overrides, load_config
+from softclip.pipeline.shapes import ShapesConfig, generate
 
 __all__ = ["STAGE_CLI_MODULES", "build_app", "main"]
 
 # Modules whose `register(app)` adds the stage commands, in the order --help lists them.
 STAGE_CLI_MODULES: tuple[str, ...] = (
-    "extract.job_cli", "extract.cli", "train.cli", "eval.cli", "workflows.cli",
+    "softclip.extract.job_cli", "softclip.extract.cli", "softclip.train.cli", "softclip.eval.cli",
+    "softclip.workflows.cli",
 )
 
 

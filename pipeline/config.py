@@ -27,7 +27,7 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 
-from pipeline.io import atomic_write_text
+from softclip.pipeline.io import atomic_write_text
 
 __all__ = [
     "ConfigError",

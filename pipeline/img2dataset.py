@@ -24,8 +24,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.io import atomic_path, atomic_write_json
-from pipeline.shards import shard_name
+from softclip.pipeline.io import atomic_path, atomic_write_json
+from softclip.pipeline.shards import shard_name
 
 __all__ = ["ShardWriter", "sample_key"]
 

@@ -31,9 +31,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from pipeline.config import save_config
-from pipeline.img2dataset import ShardWriter
-from pipeline.io import atomic_write_bytes, atomic_write_json
+from softclip.pipeline.config import save_config
+from softclip.pipeline.img2dataset import ShardWriter
+from softclip.pipeline.io import atomic_write_bytes, atomic_write_json
 
 __all__ = [
     "COLOURS",

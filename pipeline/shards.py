@@ -26,7 +26,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.io import atomic_path
+from softclip.pipeline.io import atomic_path
 
 __all__ = [
     "SCHEMA_VERSION",

@@ -25,7 +25,7 @@ from pathlib import Path
 import braceexpand
 import polars as pl
 
-from pipeline.shards import shard_name
+from softclip.pipeline.shards import shard_name
 
 __all__ = ["IMAGE_EXTENSIONS", "Sample", "Source", "SourceError", "SourceShard", "open_source"]
 

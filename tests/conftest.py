@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.shapes import ShapesConfig, generate
+from softclip.pipeline.shapes import ShapesConfig, generate
 
 SMALL_WORLD = ShapesConfig(num_train=120, num_retrieval=12, num_classification_per_class=1,
                            samples_per_shard=50, seed=7)

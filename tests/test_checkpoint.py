@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from train.checkpoint import resolve_resume, save_checkpoint
+from softclip.train.checkpoint import resolve_resume, save_checkpoint
 
 
 def _save(run_dir, steps, **kwargs):

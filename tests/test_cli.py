@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.cli import build_app
+from softclip.pipeline.cli import build_app
 
 runner = CliRunner()
 MAX_OPTIONS_PER_COMMAND = 12  # thin CLI: a config path plus a few overrides (style guide, rule 3)

@@ -3,7 +3,7 @@ from typing import Literal
 
 import pytest
 
-from pipeline.config import (
+from softclip.pipeline.config import (
     ConfigError,
     apply_overrides,
     config_hash,
@@ -13,7 +13,7 @@ from pipeline.config import (
     save_config,
     to_yaml,
 )
-from pipeline.shapes import ShapesConfig
+from softclip.pipeline.shapes import ShapesConfig
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)

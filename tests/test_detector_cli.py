@@ -10,11 +10,11 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from extract.checkpoint import read_labelmap, read_state_dict
-from extract.cli import register
-from extract.losses import attribute_loss, attribute_soft_targets
-from extract.vinvl import VinVLDetector
-from pipeline.shapes import COLOURS, SHAPES, ShapesConfig, generate
+from softclip.extract.checkpoint import read_labelmap, read_state_dict
+from softclip.extract.cli import register
+from softclip.extract.losses import attribute_loss, attribute_soft_targets
+from softclip.extract.vinvl import VinVLDetector
+from softclip.pipeline.shapes import COLOURS, SHAPES, ShapesConfig, generate
 
 SHAPES_YAML = Path(__file__).parent.parent / "extract" / "configs" / "shapes.yaml"
 

@@ -9,10 +9,10 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from eval.checkpoint import load_open_clip_checkpoint, register_model_config
-from eval.cli import register
-from eval.evaluate import EvalConfig, checkpoint_labels
-from pipeline.shapes import ShapesConfig, generate
+from softclip.eval.checkpoint import load_open_clip_checkpoint, register_model_config
+from softclip.eval.cli import register
+from softclip.eval.evaluate import EvalConfig, checkpoint_labels
+from softclip.pipeline.shapes import ShapesConfig, generate
 
 TINY_CONFIG = {
     "embed_dim": 32,
@@ -127,7 +127,7 @@ def test_cli_missing_dataset_fails_before_loading_models(world, tmp_path):
 def test_rerun_reuses_unchanged_results_and_recomputes_a_changed_checkpoint(world, tmp_path, monkeypatch):
     import os
 
-    import eval.evaluate as evaluate
+    import softclip.eval.evaluate as evaluate
 
     root, clip, _ = world
     cfg = EvalConfig(checkpoints=(clip,), tasks=("shapes-shape",), out=tmp_path / "r",
@@ -149,8 +149,8 @@ def test_rerun_reuses_unchanged_results_and_recomputes_a_changed_checkpoint(worl
 def test_classifier_matches_open_clip_build_zero_shot_classifier(world):
     from open_clip import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES, build_zero_shot_classifier
 
-    from eval.datasets import imagenet_templates
-    from eval.embed import zero_shot_classifier
+    from softclip.eval.datasets import imagenet_templates
+    from softclip.eval.embed import zero_shot_classifier
 
     _, clip, _ = world
     loaded = load_open_clip_checkpoint(clip)
@@ -163,7 +163,7 @@ def test_classifier_matches_open_clip_build_zero_shot_classifier(world):
 
 
 def test_rerun_recomputes_a_task_regenerated_in_the_same_folder(world, tmp_path, monkeypatch):
-    import eval.evaluate as evaluate
+    import softclip.eval.evaluate as evaluate
 
     _, clip, _ = world
     data = tmp_path / "data"
@@ -183,8 +183,8 @@ def test_rerun_recomputes_a_task_regenerated_in_the_same_folder(world, tmp_path,
 
 
 def test_cache_key_holds_device_and_precision(world):
-    import eval.evaluate as evaluate
-    from eval.datasets import load_retrieval_set, task_directory
+    import softclip.eval.evaluate as evaluate
+    from softclip.eval.datasets import load_retrieval_set, task_directory
 
     root, _, _ = world
     directory = task_directory("shapes-retrieval", root / "data")
@@ -200,7 +200,7 @@ def test_cache_key_holds_device_and_precision(world):
 
 
 def test_corrupt_evaluation_cache_names_the_file(world, tmp_path):
-    import eval.evaluate as evaluate
+    import softclip.eval.evaluate as evaluate
 
     root, clip, _ = world
     cache = tmp_path / "r" / "per_checkpoint" / "clip.json"
@@ -270,8 +270,8 @@ def test_a_perfect_model_scores_perfectly_at_any_batch_size_and_worker_count(tmp
     """run_eval (dataset loading, DataLoader batching and workers, embedding, metrics) gives an exactly
     right model top-1 = 1 and R@1 = 1 both ways, identically for batch sizes 1 / 4 / 64 and 0 / 2 workers.
     A regression that misaligns images with their labels or captions (e.g. a shifted embedding) fails."""
-    import eval.evaluate as evaluate
-    from eval.checkpoint import LoadedModel
+    import softclip.eval.evaluate as evaluate
+    from softclip.eval.checkpoint import LoadedModel
 
     _write_oracle_world(tmp_path / "data")
     checkpoint = tmp_path / "oracle.pt"

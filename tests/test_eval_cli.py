@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from eval.cli import build_config
-from pipeline.config import ConfigError
+from softclip.eval.cli import build_config
+from softclip.pipeline.config import ConfigError
 
 
 def _build(**kwargs):

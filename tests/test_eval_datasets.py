@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from eval.datasets import (
+from softclip.eval.datasets import (
     TASKS,
     MissingDatasetError,
     expand_tasks,
@@ -111,8 +111,8 @@ def _to_tensor(image):
 def test_undecodable_image_names_the_file_also_from_a_worker(tmp_path, num_workers):
     from torch.utils.data import DataLoader
 
-    from eval.datasets import ImageFiles
-    from pipeline.images import ImageDecodeError
+    from softclip.eval.datasets import ImageFiles
+    from softclip.pipeline.images import ImageDecodeError
 
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"not an image")

@@ -11,11 +11,11 @@ import pytest
 import ray
 from test_extract_job_actor import BAD_SHARD_EXPECTED, tiny_config, write_bad_source
 
-from extract.job import run_extraction
-from extract.manifest import Manifest, ManifestMismatchError
-from extract.vinvl import VinVLDetector
-from pipeline.shards import read_feature_frame, read_feature_table
-from pipeline.sources import open_source
+from softclip.extract.job import run_extraction
+from softclip.extract.manifest import Manifest, ManifestMismatchError
+from softclip.extract.vinvl import VinVLDetector
+from softclip.pipeline.shards import read_feature_frame, read_feature_table
+from softclip.pipeline.sources import open_source
 
 TESTS = Path(__file__).resolve().parent
 
@@ -23,7 +23,7 @@ TESTS = Path(__file__).resolve().parent
 @pytest.fixture(scope="module", autouse=True)
 def local_ray():
     # tests/ on the workers' path: the crash test's loader lives in this module.
-    path = os.pathsep.join([str(TESTS.parent), str(TESTS), os.environ.get("PYTHONPATH", "")])
+    path = os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": path}})
     yield

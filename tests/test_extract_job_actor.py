@@ -17,11 +17,11 @@ import ray
 import torch
 from PIL import Image
 
-from extract import job
-from extract.actor import FEATURE_COLUMNS, DetectorActor, batch_to_records, detection_to_record
-from extract.checkpoint import CheckpointError, write_checkpoint, write_labelmap
-from extract.detector_config import DetectorArch, DetectorConfig
-from extract.job import (
+from softclip.extract import job
+from softclip.extract.actor import FEATURE_COLUMNS, DetectorActor, batch_to_records, detection_to_record
+from softclip.extract.checkpoint import CheckpointError, write_checkpoint, write_labelmap
+from softclip.extract.detector_config import DetectorArch, DetectorConfig
+from softclip.extract.job import (
     OutputDirError,
     OutputNotEmptyError,
     check_out_dir,
@@ -29,14 +29,14 @@ from extract.job import (
     resolve_dataset_spec,
     run_extraction,
 )
-from extract.job_config import ExtractConfig
-from extract.manifest import Manifest, ManifestFormatError, ManifestMismatchError
-from extract.stages import ROW_COLUMNS, read_shard_rows
-from extract.vinvl import VinVLDetector
-from extract.writer import IncompleteShardsError, ShardAssembler, remove_stale_temporaries
-from pipeline.img2dataset import ShardWriter
-from pipeline.io import file_sha256
-from pipeline.shards import read_feature_table, table_to_records
+from softclip.extract.job_config import ExtractConfig
+from softclip.extract.manifest import Manifest, ManifestFormatError, ManifestMismatchError
+from softclip.extract.stages import ROW_COLUMNS, read_shard_rows
+from softclip.extract.vinvl import VinVLDetector
+from softclip.extract.writer import IncompleteShardsError, ShardAssembler, remove_stale_temporaries
+from softclip.pipeline.img2dataset import ShardWriter
+from softclip.pipeline.io import file_sha256
+from softclip.pipeline.shards import read_feature_table, table_to_records
 
 TINY_ARCH = DetectorArch(blocks=(1, 1, 1, 1), groups=2, width_per_group=16, stem_channels=8, res2_channels=32,
                          num_classes=9, num_attributes=11, cls_embed_dim=8, attr_embed_dim=16)
@@ -276,7 +276,7 @@ def test_a_manifest_without_shards_takes_a_new_fingerprint(tmp_path, caplog):
     first = Manifest.open(tmp_path, {"dataset": "d", "labelmap_sha256": "wrong"})
     first.set_detector("det-a", 8)
     first.save()  # a run that failed before its first commit
-    with caplog.at_level(logging.WARNING, logger="extract.manifest"):
+    with caplog.at_level(logging.WARNING, logger="softclip.extract.manifest"):
         second = Manifest.open(tmp_path, {"dataset": "d", "labelmap_sha256": "right"})
     assert second.data["fingerprint"]["labelmap_sha256"] == "right" and second.data["detector"] == {}
     assert "replacing its fingerprint" in caplog.text and "labelmap_sha256: 'wrong' -> 'right'" in caplog.text
@@ -351,6 +351,13 @@ def test_stale_temporaries_are_removed_at_the_top_and_under_packed(tmp_path):
     assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
 
 
+def test_the_workers_get_a_package_named_softclip(tmp_path):
+    package = job.stage_worker_package(tmp_path)
+    assert package == tmp_path / "softclip"
+    assert sorted(p.name for p in package.iterdir()) == ["__init__.py", "extract", "pipeline"]
+    assert (package / "extract" / "vinvl.py").is_file() and not (package / "extract" / "weights").exists()
+
+
 def test_ray_address_from_the_environment_joins_with_the_code(tmp_path, bad_source, monkeypatch):
     calls = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
@@ -359,7 +366,7 @@ def test_ray_address_from_the_environment_joins_with_the_code(tmp_path, bad_sour
     cfg = tiny_config(tmp_path, bad_source)
     assert job._init_ray(cfg) is True
     assert calls[-1]["address"] == "ray://head:10001"
-    assert [Path(p).name for p in calls[-1]["runtime_env"]["py_modules"]] == ["extract", "pipeline"]
+    assert [Path(p).name for p in calls[-1]["runtime_env"]["py_modules"]] == ["softclip"]
     assert job._init_ray(cfg.replace(ray_address="auto")) and calls[-1]["address"] == "auto"
     monkeypatch.delenv("RAY_ADDRESS")
     assert job._init_ray(cfg) and "address" not in calls[-1] and "runtime_env" not in calls[-1]

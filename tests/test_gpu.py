@@ -13,8 +13,8 @@ pytestmark = pytest.mark.gpu
 def test_detector_on_cuda_matches_cpu(tmp_path):
     from test_vinvl import ATTRIBUTES, CLASSES, TINY, _images, _randomise
 
-    from extract.checkpoint import write_checkpoint, write_labelmap
-    from extract.vinvl import VinVLDetector
+    from softclip.extract.checkpoint import write_checkpoint, write_labelmap
+    from softclip.extract.vinvl import VinVLDetector
 
     torch.manual_seed(0)
     write_checkpoint(tmp_path / "model.pth",
@@ -34,10 +34,10 @@ def test_detector_on_cuda_matches_cpu(tmp_path):
 def test_train_step_on_cuda_matches_cpu_and_bf16_is_finite():
     from pathlib import Path
 
-    from train.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
-    from train.loop import param_groups, train_step
-    from train.losses import SoftCLIPLoss
-    from train.model import build_model
+    from softclip.train.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
+    from softclip.train.loop import param_groups, train_step
+    from softclip.train.losses import SoftCLIPLoss
+    from softclip.train.model import build_model
 
     def step(device: str, precision: str) -> float:
         torch.manual_seed(0)

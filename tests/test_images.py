@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.images import ImageDecodeError, decode_image
+from softclip.pipeline.images import ImageDecodeError, decode_image
 
 
 def _encode(image, fmt="PNG", **kwargs):

@@ -8,9 +8,9 @@ import pytest
 from test_extract_job_actor import BAD_SHARD_EXPECTED, extract_without_ray, tiny_config, write_bad_source
 from typer.testing import CliRunner
 
-from extract.inspect import inspect_features
-from extract.job_cli import register
-from pipeline.shards import read_feature_frame
+from softclip.extract.inspect import inspect_features
+from softclip.extract.job_cli import register
+from softclip.pipeline.shards import read_feature_frame
 
 
 def test_inspect_counts_rows_errors_boxes_and_tags(tmp_path):

@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from pipeline.io import atomic_path, atomic_write_bytes, temporary_file_beside
+from softclip.pipeline.io import atomic_path, atomic_write_bytes, temporary_file_beside
 
 
 def _mode(path):

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
-from train.losses import (
+from softclip.train.losses import (
     SoftCLIPLoss,
     disentangled_negatives,
     label_smoothing_targets,

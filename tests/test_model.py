@@ -6,9 +6,9 @@ import open_clip
 import pytest
 import torch
 
-from eval.checkpoint import load_open_clip_checkpoint
-from train.config import ModelConfig
-from train.model import (
+from softclip.eval.checkpoint import load_open_clip_checkpoint
+from softclip.train.config import ModelConfig
+from softclip.train.model import (
     ROIEncoder,
     build_model,
     encode_text_trimmed,

@@ -6,13 +6,18 @@ import numpy as np
 import webdataset as wds
 from test_extract_job_actor import extract_without_ray, tiny_config
 
-from extract import job
-from extract.job import run_extraction
-from extract.manifest import Manifest
-from extract.pack import pack_directory
-from pipeline.io import file_sha256
-from pipeline.shards import read_feature_table, read_webdataset_shard, sample_to_record, table_to_records
-from pipeline.sources import open_source
+from softclip.extract import job
+from softclip.extract.job import run_extraction
+from softclip.extract.manifest import Manifest
+from softclip.extract.pack import pack_directory
+from softclip.pipeline.io import file_sha256
+from softclip.pipeline.shards import (
+    read_feature_table,
+    read_webdataset_shard,
+    sample_to_record,
+    table_to_records,
+)
+from softclip.pipeline.sources import open_source
 
 
 def test_pack_reads_back_with_webdataset_and_pipeline(tmp_path, shapes_world):

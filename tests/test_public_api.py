@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("pipeline", "extract", "train", "eval", "workflows")
+PACKAGES = ("pipeline", "extract", "train", "eval", "workflows")  # subpackages of softclip
 
 
 def _public_modules(package: str) -> set[str]:
@@ -17,12 +17,16 @@ def _public_modules(package: str) -> set[str]:
     return modules
 
 
+def test_softclip_lists_its_subpackages():
+    assert importlib.import_module("softclip").__all__ == sorted(PACKAGES)
+
+
 @pytest.mark.parametrize("package", PACKAGES)
 def test_package_all_lists_its_public_modules(package):
-    assert set(importlib.import_module(package).__all__) == _public_modules(package)
+    assert set(importlib.import_module(f"softclip.{package}").__all__) == _public_modules(package)
 
 
-@pytest.mark.parametrize("module", [f"{pkg}.{name}" for pkg in PACKAGES for name in sorted(_public_modules(pkg))])
+@pytest.mark.parametrize("module", [f"softclip.{pkg}.{name}" for pkg in PACKAGES for name in sorted(_public_modules(pkg))])
 def test_module_all_names_exist(module):
     imported = importlib.import_module(module)
     names = getattr(imported, "__all__", None)

@@ -1,6 +1,6 @@
 import pytest
 
-from workflows.datasets import DatasetNotFoundError, list_datasets, load_dataset_spec, resolve_dataset
+from softclip.pipeline.registry import DatasetNotFoundError, list_datasets, load_dataset_spec, resolve_dataset
 
 
 def test_every_registered_dataset_loads():

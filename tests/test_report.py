@@ -1,6 +1,6 @@
 """Markdown table and chart from hand-made results."""
 
-from eval.report import format_markdown, metric_title, write_report
+from softclip.eval.report import format_markdown, metric_title, write_report
 
 RESULTS = {
     "CLIP": {"shapes-shape": {"top1": 0.5, "top5": None, "mean_per_class_recall": 0.25},

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from eval.retrieval import image_to_text_ranks, recall_at_k, retrieval_metrics, text_to_image_ranks
+from softclip.eval.retrieval import image_to_text_ranks, recall_at_k, retrieval_metrics, text_to_image_ranks
 
 IMAGES = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
 # Captions 0 and 1 belong to image 0, caption 2 to image 1.

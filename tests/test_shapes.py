@@ -5,7 +5,7 @@ import tarfile
 import polars as pl
 import pytest
 
-from pipeline.shapes import (
+from softclip.pipeline.shapes import (
     _COLOUR_WORDS,  # the vocabulary the captions are made from
     COLOURS,
     SHAPES,

@@ -5,7 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
-from pipeline.shards import (
+from softclip.pipeline.shards import (
     SCHEMA_VERSION,
     CorruptShardError,
     FeatureRecord,

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from extract.detector_config import DetectorConfig
-from extract.detector_eval import evaluate_tags
-from extract.vinvl import VinVLDetector
-from pipeline.config import load_config
-from pipeline.shapes import COLOURS, ShapesConfig, generate
+from softclip.extract.detector_config import DetectorConfig
+from softclip.extract.detector_eval import evaluate_tags
+from softclip.extract.vinvl import VinVLDetector
+from softclip.pipeline.config import load_config
+from softclip.pipeline.shapes import COLOURS, ShapesConfig, generate
 
 ROOT = Path(__file__).parent.parent
 WEIGHTS = ROOT / "extract" / "weights" / "shapes"

@@ -7,8 +7,8 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from pipeline.img2dataset import ShardWriter
-from pipeline.sources import SourceError, open_source
+from softclip.pipeline.img2dataset import ShardWriter
+from softclip.pipeline.sources import SourceError, open_source
 
 
 def _all(source):

@@ -10,13 +10,13 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from eval.checkpoint import load_open_clip_checkpoint
-from pipeline.annotation_features import write_annotation_shards
-from pipeline.config import apply_overrides, from_dict, load_config, save_config, to_dict
-from train.cli import register
-from train.config import LossConfig, TrainConfig
-from train.loop import cosine_lr, param_groups, train
-from train.metrics import MetricLogger
+from softclip.eval.checkpoint import load_open_clip_checkpoint
+from softclip.pipeline.annotation_features import write_annotation_shards
+from softclip.pipeline.config import apply_overrides, from_dict, load_config, save_config, to_dict
+from softclip.train.cli import register
+from softclip.train.config import LossConfig, TrainConfig
+from softclip.train.loop import cosine_lr, param_groups, train
+from softclip.train.metrics import MetricLogger
 
 CONFIGS = sorted((Path(__file__).parents[1] / "train" / "configs").glob("*.yaml"))
 
@@ -141,7 +141,7 @@ def test_two_process_gloo_training_writes_one_checkpoint(data_root, tmp_path, na
 
 
 def test_a_non_finite_loss_stops_training_with_advice():
-    from train.loop import _log_metrics
+    from softclip.train.loop import _log_metrics
 
     timing = {"elapsed": 1.0, "steps": 1, "data_wait": 0.0}
     with pytest.raises(FloatingPointError, match="diverged; lower optim.lr"):

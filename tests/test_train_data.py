@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.annotation_features import (
+from softclip.pipeline.annotation_features import (
     ANNOTATION_FEATURE_DIM,
     annotation_roi_features,
     write_annotation_shards,
 )
-from pipeline.shards import read_webdataset_shard
-from train.config import DataConfig, ModelConfig
-from train.data import TrainData, count_samples, expand_shards
-from train.model import build_model
+from softclip.pipeline.shards import read_webdataset_shard
+from softclip.train.config import DataConfig, ModelConfig
+from softclip.train.data import TrainData, count_samples, expand_shards
+from softclip.train.model import build_model
 
 
 @pytest.fixture(scope="module")

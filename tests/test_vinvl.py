@@ -13,18 +13,24 @@ import torchvision
 from PIL import Image
 from torchvision.ops import FrozenBatchNorm2d, nms
 
-from extract.checkpoint import (
+from softclip.extract.checkpoint import (
     CheckpointError,
     read_labelmap,
     read_state_dict,
     write_checkpoint,
     write_labelmap,
 )
-from extract.detector_config import DetectorArch, DetectorConfig, DetectorSettings
-from extract.legacy import clip_boxes_legacy, decode_boxes, encode_boxes, generate_cell_anchors, resized_size
-from extract.postprocess import filter_detections, multiclass_nms_keep, postprocess_attributes
-from extract.vinvl import VinVLDetector, format_tags
-from pipeline.config import ConfigError
+from softclip.extract.detector_config import DetectorArch, DetectorConfig, DetectorSettings
+from softclip.extract.legacy import (
+    clip_boxes_legacy,
+    decode_boxes,
+    encode_boxes,
+    generate_cell_anchors,
+    resized_size,
+)
+from softclip.extract.postprocess import filter_detections, multiclass_nms_keep, postprocess_attributes
+from softclip.extract.vinvl import VinVLDetector, format_tags
+from softclip.pipeline.config import ConfigError
 
 KEYS_FILE = Path(__file__).parent / "fixtures" / "vinvl-checkpoint-keys.txt"
 TINY_ARCH = DetectorArch(blocks=(1, 1, 1, 1), groups=2, width_per_group=16, stem_channels=8, res2_channels=32,
@@ -322,7 +328,7 @@ def test_labelmap_layout(tmp_path: Path) -> None:
 
 
 def test_configs_load() -> None:
-    from pipeline.config import load_config
+    from softclip.pipeline.config import load_config
 
     configs = Path(__file__).parent.parent / "extract" / "configs"
     x152 = load_config(DetectorConfig, configs / "vinvl_x152c4.yaml")

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import ConfigError, load_config
-from workflows.cache import ArtifactCache, CorruptArtifactError, artifact_key, tree_fingerprint
-from workflows.config import WorkflowConfig
-from workflows.runner import WorkflowRunner, _project_file, load_workflow
+from softclip.pipeline.config import ConfigError, load_config
+from softclip.workflows.cache import ArtifactCache, CorruptArtifactError, artifact_key, tree_fingerprint
+from softclip.workflows.config import WorkflowConfig
+from softclip.workflows.runner import WorkflowRunner, _project_file, load_workflow
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_FAST = ["optim.max_steps=4", "optim.warmup_steps=1", "data.batch_size=16", "data.num_workers=0",
@@ -118,7 +118,7 @@ def test_cache_ls_and_gc(first_run, tmp_path):
     _, path, cache, _ = first_run
     from typer.testing import CliRunner
 
-    from pipeline.cli import build_app
+    from softclip.pipeline.cli import build_app
 
     runner = CliRunner()
     listing = runner.invoke(build_app(), ["cache", "ls", "--cache-dir", str(cache)])
@@ -142,11 +142,10 @@ def test_artifact_size_counts_hard_links_once(tmp_path):
 def test_a_killed_run_resumes(first_run, tmp_path):
     _, _, cache, _ = first_run
     path = _workflow(tmp_path, ["optim.max_steps=0", "optim.epochs=10", "optim.lr=3.0e-3"])  # 30 steps
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "pipeline", "run", str(path), "--cache-dir", str(cache)]
+    command = [sys.executable, "-m", "softclip", "run", str(path), "--cache-dir", str(cache)]
     log = tmp_path / "killed-run.log"  # what the child printed, for a failure on a slow machine
     with open(log, "wb") as out:
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
     deadline = time.time() + 240
     checkpoints = []
     while time.time() < deadline and process.poll() is None and not checkpoints:
@@ -262,7 +261,7 @@ def test_shipped_demo_keys_and_files_do_not_depend_on_the_working_directory(tmp_
 def test_a_moved_cache_is_used_where_it_is_now(first_run, tmp_path):
     from typer.testing import CliRunner
 
-    from pipeline.cli import build_app
+    from softclip.pipeline.cli import build_app
 
     _, path, cache, _ = first_run
     moved = tmp_path / "moved"
@@ -291,7 +290,7 @@ def test_a_plan_does_not_use_up_force(first_run):
 def test_gc_keeps_incomplete_artifacts_a_workflow_needs(tmp_path):
     from typer.testing import CliRunner
 
-    from pipeline.cli import build_app
+    from softclip.pipeline.cli import build_app
 
     path, cache = _workflow(tmp_path), ArtifactCache(tmp_path / "cache")
     planned = WorkflowRunner(load_workflow(path), cache=cache, log=lambda _: None).plan()
@@ -309,7 +308,7 @@ def test_gc_keeps_incomplete_artifacts_a_workflow_needs(tmp_path):
 def test_a_corrupt_marker_is_listed_and_collected(tmp_path):
     from typer.testing import CliRunner
 
-    from pipeline.cli import build_app
+    from softclip.pipeline.cli import build_app
 
     cache = ArtifactCache(tmp_path / "cache")
     broken = cache.artifact("extract", "2" * 16)
@@ -345,12 +344,12 @@ def test_a_bad_stage_config_names_its_file(tmp_path, text, problem):
 def test_torchrun_args_run_training_under_torchrun(tmp_path, monkeypatch):
     import subprocess as subprocess_module
 
-    import train.loop
-    from train.config import TrainConfig
+    import softclip.train.loop as train_loop
+    from softclip.train.config import TrainConfig
 
     commands, in_process = [], []
     monkeypatch.setattr(subprocess_module, "run", lambda command, check: commands.append(command))
-    monkeypatch.setattr(train.loop, "train", lambda cfg, resume: in_process.append(cfg))
+    monkeypatch.setattr(train_loop, "train", lambda cfg, resume: in_process.append(cfg))
     cfg = load_config(TrainConfig, ROOT / "train/configs/shapes-clip.yaml")
     artifact = ArtifactCache(tmp_path / "cache").artifact("train", "3" * 16)
     artifact.path.mkdir(parents=True)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from eval.zeroshot import (
+from softclip.eval.zeroshot import (
     classification_metrics,
     classifier_from_template_embeddings,
     mean_per_class_recall,

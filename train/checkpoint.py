@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.io import atomic_path
+from softclip.pipeline.io import atomic_path
 
 __all__ = ["capture_rng", "checkpoint_path", "resolve_resume", "restore_rng", "save_checkpoint"]
 

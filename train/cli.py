@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from pipeline.config import apply_overrides, load_config
+from softclip.pipeline.config import apply_overrides, load_config
 
 __all__ = ["register", "train_command"]
 
@@ -18,8 +18,8 @@ def train_command(
     resume: str | None = typer.Option(None, "--resume", help="A checkpoint file, or 'latest' for RUN_DIR's."),
 ) -> None:
     """Train SoftCLIP (or CLIP: loss.lam=0 loss.mu=0) from feature shards; run under torchrun for many GPUs."""
-    from train.config import TrainConfig  # noqa: PLC0415 (keeps `softclip --help` fast)
-    from train.loop import train  # noqa: PLC0415
+    from softclip.train.config import TrainConfig  # noqa: PLC0415 (keeps `softclip --help` fast)
+    from softclip.train.loop import train  # noqa: PLC0415
 
     cfg = apply_overrides(load_config(TrainConfig, config), list(overrides or []))
     summary = train(cfg, resume=resume)  # destroys the torchrun process group it started

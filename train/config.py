@@ -2,7 +2,7 @@
 
 Example::
 
-    from pipeline.config import apply_overrides, load_config
+    from softclip.pipeline.config import apply_overrides, load_config
     cfg = load_config(TrainConfig, "train/configs/shapes-softclip.yaml")
     cfg = apply_overrides(cfg, ["optim.lr=1e-4", "data.root=/data"])
 """

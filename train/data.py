@@ -32,10 +32,10 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import tarfile_samples
 
-from pipeline.images import ImageDecodeError, decode_image
-from pipeline.shards import ragged_column, read_feature_table, sample_to_record
-from pipeline.sources import open_source
-from train.config import DataConfig, resolve_data_path
+from softclip.pipeline.images import ImageDecodeError, decode_image
+from softclip.pipeline.shards import ragged_column, read_feature_table, sample_to_record
+from softclip.pipeline.sources import open_source
+from softclip.train.config import DataConfig, resolve_data_path
 
 __all__ = ["ERROR_KINDS", "TrainData", "count_samples", "expand_shards"]
 

@@ -22,13 +22,13 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from pipeline.config import from_dict, save_config, to_dict
-from train.checkpoint import capture_rng, resolve_resume, restore_rng, save_checkpoint
-from train.config import TrainConfig
-from train.data import ERROR_KINDS, TrainData
-from train.losses import SoftCLIPLoss
-from train.metrics import MetricLogger
-from train.model import SoftCLIPModel, build_model
+from softclip.pipeline.config import from_dict, save_config, to_dict
+from softclip.train.checkpoint import capture_rng, resolve_resume, restore_rng, save_checkpoint
+from softclip.train.config import TrainConfig
+from softclip.train.data import ERROR_KINDS, TrainData
+from softclip.train.losses import SoftCLIPLoss
+from softclip.train.metrics import MetricLogger
+from softclip.train.model import SoftCLIPModel, build_model
 
 __all__ = ["TrainSummary", "cosine_lr", "param_groups", "train", "train_step"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.io import atomic_write_text
+from softclip.pipeline.io import atomic_write_text
 
 __all__ = ["MetricLogger"]
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from open_clip.transformer import text_global_pool
 from torch import nn
 
-from train.config import ModelConfig
+from softclip.train.config import ModelConfig
 
 __all__ = [
     "MODEL_CONFIG_DIR",

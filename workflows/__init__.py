@@ -1,1 +1,1 @@
-__all__ = ["cache", "cli", "config", "datasets", "runner"]
+__all__ = ["cache", "cli", "config", "runner"]

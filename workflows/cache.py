@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pipeline.io import atomic_write_json, file_sha256
+from softclip.pipeline.io import atomic_write_json, file_sha256
 
 __all__ = ["Artifact", "ArtifactCache", "CorruptArtifactError", "artifact_key", "default_cache_dir",
            "file_fingerprint", "tree_fingerprint"]

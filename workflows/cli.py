@@ -10,8 +10,8 @@ from pathlib import Path
 
 import typer
 
-from workflows.cache import MARKER, ArtifactCache
-from workflows.datasets import data_root, list_datasets, load_dataset_spec
+from softclip.pipeline.registry import data_root, list_datasets, load_dataset_spec
+from softclip.workflows.cache import MARKER, ArtifactCache
 
 __all__ = ["register"]
 
@@ -28,8 +28,8 @@ def run(
     cache_dir: Path | None = typer.Option(None, help="Artifact cache folder."),
 ) -> None:
     """Run a workflow: extract -> train -> eval, reusing every cached artifact."""
-    from workflows.config import TrainStep
-    from workflows.runner import WorkflowRunner, load_workflow
+    from softclip.workflows.config import TrainStep
+    from softclip.workflows.runner import WorkflowRunner, load_workflow
 
     config = load_workflow(workflow)
     if train_config:
@@ -81,7 +81,7 @@ def cache_gc(keep: list[Path] = typer.Argument(None, help="Workflow files whose 
                                                           "or not; without any, only incomplete artifacts go."),
              cache_dir: Path | None = typer.Option(None, help="Artifact cache folder.")) -> None:
     """Delete the artifacts no given workflow uses (complete or not); without any, the incomplete ones."""
-    from workflows.runner import WorkflowRunner, load_workflow
+    from softclip.workflows.runner import WorkflowRunner, load_workflow
 
     cache = ArtifactCache(cache_dir)
     keep_keys = None

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from pipeline.shapes import ShapesConfig
+from softclip.pipeline.shapes import ShapesConfig
 
 __all__ = ["DatasetStep", "DetectorStep", "EvalStep", "ExtractStep", "TrainStep", "WorkflowConfig"]
 

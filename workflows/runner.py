@@ -18,11 +18,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import ConfigError, apply_overrides, from_dict, load_config, read_yaml, to_dict
-from pipeline.shapes import generate as generate_shapes
-from workflows.cache import Artifact, ArtifactCache, artifact_key, file_fingerprint, tree_fingerprint
-from workflows.config import TrainStep, WorkflowConfig
-from workflows.datasets import data_root, resolve_dataset
+from softclip.pipeline.config import ConfigError, apply_overrides, from_dict, load_config, read_yaml, to_dict
+from softclip.pipeline.registry import data_root, resolve_dataset
+from softclip.pipeline.shapes import generate as generate_shapes
+from softclip.workflows.cache import Artifact, ArtifactCache, artifact_key, file_fingerprint, tree_fingerprint
+from softclip.workflows.config import TrainStep, WorkflowConfig
 
 __all__ = ["STAGES", "StageRecord", "WorkflowResult", "WorkflowRunner", "load_workflow"]
 
@@ -170,8 +170,8 @@ class WorkflowRunner:
                 identity["config"], outputs["config"] = file_fingerprint(config), str(config)
             return StageRecord("detector", weights.name, artifact_key("detector", identity, {}), None, True,
                                outputs=outputs)
-        from extract.detector_config import DetectorConfig
-        from extract.detector_train import train_detector
+        from softclip.extract.detector_config import DetectorConfig
+        from softclip.extract.detector_train import train_detector
 
         cfg = apply_overrides(load_config(DetectorConfig, _project_file(step.train)), step.overrides)
         settings, inputs = to_dict(cfg), {"dataset": dataset.key}
@@ -183,8 +183,8 @@ class WorkflowRunner:
                                       "config": str(artifact.path / "detector.yaml")})
 
     def _extract(self, dataset: StageRecord, detector: StageRecord) -> StageRecord:
-        from extract.job import run_extraction
-        from extract.job_config import ExtractConfig
+        from softclip.extract.job import run_extraction
+        from softclip.extract.job_config import ExtractConfig
 
         step = self.workflow.extract
         managed = {"dataset": dataset.outputs["train"], "weights": detector.outputs["weights"],
@@ -206,7 +206,7 @@ class WorkflowRunner:
                              describe=_feature_dim)
 
     def _train(self, extract: StageRecord, step: TrainStep) -> StageRecord:
-        from train.config import TrainConfig
+        from softclip.train.config import TrainConfig
 
         managed = {"run_dir": "", "data.format": "webdataset", "data.root": extract.outputs["packed"],
                    "data.train_shards": ".", "model.roi_feature_dim": extract.outputs.get("feature_dim", 1)}  # not in the key
@@ -226,22 +226,22 @@ class WorkflowRunner:
         resume = "latest" if any((artifact.path / "checkpoints").glob("*.pt")) else None
         torchrun_args = os.environ.get("TORCHRUN_ARGS", "").split()
         if self.nproc <= 1 and not torchrun_args:
-            from train.loop import train
+            from softclip.train.loop import train
 
             train(cfg, resume=resume)
             return
-        from pipeline.config import save_config
+        from softclip.pipeline.config import save_config
 
         config_path = save_config(cfg, artifact.path / "workflow-train.yaml")
         command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={self.nproc}",
-                   *torchrun_args, "-m", "pipeline", "train",
+                   *torchrun_args, "-m", "softclip", "train",
                    "--config", str(config_path)] + (["--resume", resume] if resume else [])
         self.log("  " + " ".join(command))
         subprocess.run(command, check=True)
 
     def _eval(self, dataset: StageRecord, trains: list[StageRecord]) -> StageRecord:
-        from eval.datasets import TASKS, expand_tasks
-        from eval.evaluate import EvalConfig, run_eval
+        from softclip.eval.datasets import TASKS, expand_tasks
+        from softclip.eval.evaluate import EvalConfig, run_eval
 
         step = self.workflow.eval
         paths = {}

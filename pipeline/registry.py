@@ -1,4 +1,5 @@
-"""The dataset registry: one YAML file per dataset saying where it lives under ``DATA_ROOT``.
+"""The dataset registry: one YAML file per dataset (``pipeline/datasets/<name>.yaml``) saying where it
+lives under ``DATA_ROOT``.
 
 Example::
 
@@ -13,12 +14,12 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pipeline.config import load_config
+from softclip.pipeline.config import load_config
 
 __all__ = ["DatasetNotFoundError", "DatasetSpec", "data_root", "list_datasets", "load_dataset_spec",
            "resolve_dataset"]
 
-REGISTRY_DIR = Path(__file__).parent
+REGISTRY_DIR = Path(__file__).parent / "datasets"
 
 
 class DatasetNotFoundError(FileNotFoundError):
