@@ -11,7 +11,8 @@ import json
 from pathlib import Path
 
 import typer
-import yaml
+
+from softclip.pipeline.config import parse_yaml
 
 __all__ = ["register"]
 
@@ -24,7 +25,7 @@ def _settings_overrides(items: list[str]) -> dict:
         if "=" not in item:
             raise typer.BadParameter(f"override '{item}' must look like key=value")
         key, raw = item.split("=", 1)
-        overrides[key.strip()] = yaml.safe_load(raw)
+        overrides[key.strip()] = parse_yaml(raw, f"override {item!r}")
     return overrides
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -35,6 +36,7 @@ __all__ = [
     "config_hash",
     "from_dict",
     "load_config",
+    "parse_yaml",
     "read_yaml",
     "save_config",
     "to_dict",
@@ -46,6 +48,43 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A config file or dict does not match its dataclass (unknown key, wrong type, bad value)."""
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` (plain data only) that also refuses aliases and duplicate keys.
+
+    Aliases are refused because a few hundred bytes of nested aliases expand to billions of items (a
+    "billion laughs" file); no softclip config needs them. A duplicated key would silently let the last
+    value win.
+    """
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, f"alias *{event.anchor} is not allowed in a softclip "
+                                              "config (write the value out)", event.start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key '{key}'", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """Parse config YAML safely (plain data only; aliases and duplicate keys refused).
+
+    Raises:
+        ConfigError: the text is not valid YAML for a config; the message names ``source``.
+    """
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: not valid YAML: {err}") from err
 
 
 def _type_name(tp: Any) -> str:
@@ -94,9 +133,11 @@ def _convert_mapping(value: Any, tp: Any, where: str, source: str) -> Any:
 def _convert_scalar(value: Any, tp: Any, where: str, source: str) -> Any:
     if tp is float and isinstance(value, str):  # PyYAML reads "1e-4" (no dot) as a string
         try:
-            return float(value)
+            value = float(value)
         except ValueError:
             pass  # reported below as not a number
+    if tp is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{source}: '{where}' must be a finite number, got {value!r}")
     expected = {float: ((int, float), "a number"), int: ((int,), "an integer"), bool: ((bool,), "true or false"),
                 str: ((str,), "a string"), Path: ((str, Path), "a path")}
     if tp not in expected:
@@ -174,10 +215,13 @@ def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
+    raw = path.read_bytes()
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start} is 0x{raw[err.start]:02x}); save the "
+                          "file as UTF-8") from err
+    data = parse_yaml(text, str(path))
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -235,5 +279,5 @@ def apply_overrides(cfg: T, overrides: list[str] | tuple[str, ...], *, source: s
             node = node[key]
         if keys[-1] not in node:
             raise ConfigError(f"{source}: unknown key '{dotted}' in override '{item}'")
-        node[keys[-1]] = yaml.safe_load(raw)
+        node[keys[-1]] = parse_yaml(raw, f"{source}: override '{item}'")
     return from_dict(type(cfg), data, source=source)

@@ -118,3 +118,60 @@ def test_read_yaml_errors_name_the_file(tmp_path, text, problem):
     assert str(path) in str(err.value)
     path.write_text("")
     assert read_yaml(path) == {}
+
+
+# -- hostile config files (issue 14, rows 11-13) -------------------------------------------------------------
+
+
+def test_a_config_that_is_not_utf8_names_the_file(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1\.yaml.*not UTF-8.*byte 9 is 0xe9"):
+        read_yaml(path)
+
+
+def test_a_yaml_alias_bomb_is_refused_quickly(tmp_path):
+    import time
+
+    lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for i, name in enumerate("bcdefghi"):
+        previous = "abcdefghi"[i]
+        lines.append(f"{name}: &{name} [" + ",".join([f"*{previous}"] * 9) + "]")
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"bomb\.yaml.*alias"):
+        load_config(RunConfig, path)
+    assert time.perf_counter() - start < 0.5
+
+
+def test_an_anchor_alone_is_harmless_but_its_alias_is_refused(tmp_path):
+    path = tmp_path / "anchor.yaml"
+    path.write_text("name: &n x\nsteps: 3\n")
+    assert load_config(RunConfig, path).name == "x"
+    with pytest.raises(ConfigError, match="alias"):
+        apply_overrides(RunConfig(name="x"), ["name=*n"])
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf", "nan"])
+def test_a_non_finite_number_names_key_and_file(tmp_path, value):
+    path = tmp_path / "nan.yaml"
+    path.write_text(f"name: x\noptim:\n  lr: {value}\n")
+    with pytest.raises(ConfigError, match=r"nan\.yaml: 'optim\.lr' must be a finite number"):
+        load_config(RunConfig, path)
+
+
+@pytest.mark.parametrize("text, key", [("name: x\nsteps: 1\nsteps: 2\n", "steps"),
+                                       ("name: x\noptim:\n  lr: 0.1\n  lr: 0.2\n", "lr")])
+def test_a_duplicated_key_is_refused_naming_key_and_file(tmp_path, text, key):
+    path = tmp_path / "dup.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=rf"dup\.yaml.*duplicate key '{key}'"):
+        load_config(RunConfig, path)
+
+
+def test_the_strict_loader_is_still_a_safe_loader(tmp_path):
+    path = tmp_path / "evil.yaml"
+    path.write_text("name: !!python/object/apply:os.system ['true']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        read_yaml(path)
