@@ -241,7 +241,9 @@ def _dataset(cfg: ExtractConfig, spec: str, shards: list[str], actors: int, gpus
     items = [{"spec": spec, "shard": name} for name in shards]
     return (ray.data.from_items(items, override_num_blocks=len(items))
             .flat_map(read_shard_rows, fn_kwargs={"max_pixels": cfg.max_pixels,
-                                                   "require_caption": cfg.require_caption})
+                                                   "require_caption": cfg.require_caption,
+                                                   "max_member_bytes": cfg.max_member_bytes,
+                                                   "max_caption_chars": cfg.max_caption_chars})
             .map_batches(DetectorActor, fn_constructor_kwargs={"cfg": cfg},
                          compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=gpus or None,
                          num_cpus=cfg.cpus_per_actor if not gpus else None, batch_size=cfg.batch_size,
@@ -290,7 +292,7 @@ def run_extraction(cfg: ExtractConfig) -> ExtractSummary:
     spec = resolve_dataset_spec(cfg.dataset)
     cfg = cfg.replace(dataset=spec, out=cfg.out.resolve())
     check_out_dir(cfg.out, spec)
-    source = open_source(spec)
+    source = open_source(spec, max_member_bytes=cfg.max_member_bytes, max_caption_chars=cfg.max_caption_chars)
     found = fingerprint(cfg, spec)
     check_detector_files(cfg)
     manifest = Manifest.open(cfg.out, found)

@@ -1,7 +1,7 @@
 """The extraction job's settings: what to read, which detector, what to keep, and how to spread the work.
 
 Two groups of fields. *Output-defining* fields (dataset, detector files and overrides, ``max_boxes``,
-``max_pixels``, ``require_caption``) go into the manifest fingerprint: a rerun into the same directory
+``max_pixels``, ``require_caption``, the source limits ``max_member_bytes`` and ``max_caption_chars``) go into the manifest fingerprint: a rerun into the same directory
 with different values is refused. *Execution* fields (actors, batch sizes, Ray address, threads) only
 change speed and may differ between runs.
 """
@@ -15,11 +15,13 @@ from typing import Any, Literal
 
 from softclip.pipeline.config import to_dict
 from softclip.pipeline.images import DEFAULT_MAX_PIXELS
+from softclip.pipeline.sources import DEFAULT_MAX_CAPTION_CHARS, DEFAULT_MAX_MEMBER_BYTES
 
 __all__ = ["DEFAULT_LOADER", "ExtractConfig"]
 
 DEFAULT_LOADER = "softclip.extract.vinvl:VinVLDetector.from_checkpoint"
-_FINGERPRINT_FIELDS = ("max_boxes", "max_pixels", "require_caption", "detector_overrides", "loader")
+_FINGERPRINT_FIELDS = ("max_boxes", "max_pixels", "require_caption", "detector_overrides", "loader",
+                       "max_member_bytes", "max_caption_chars")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -39,6 +41,8 @@ class ExtractConfig:
     max_boxes: int = 50
     max_pixels: int = DEFAULT_MAX_PIXELS
     require_caption: bool = True
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES  # a larger tar member is an error row, never read
+    max_caption_chars: int = DEFAULT_MAX_CAPTION_CHARS  # a longer caption is an error row
     detector_overrides: dict[str, Any] = field(default_factory=dict)
     loader: str = DEFAULT_LOADER
     actors: int = 0
@@ -59,8 +63,9 @@ class ExtractConfig:
             raise ValueError("dataset must be a path, a brace pattern or a registered dataset name")
         if self.max_boxes < 1:
             raise ValueError(f"max_boxes must be at least 1, got {self.max_boxes}")
-        if self.max_pixels < 1:
-            raise ValueError(f"max_pixels must be positive, got {self.max_pixels}")
+        if min(self.max_pixels, self.max_member_bytes, self.max_caption_chars) < 1:
+            raise ValueError(f"max_pixels, max_member_bytes and max_caption_chars must be positive, got "
+                             f"{self.max_pixels}, {self.max_member_bytes} and {self.max_caption_chars}")
         if self.actors < 0 or self.num_cpus < 0 or self.torch_threads < 0:
             raise ValueError("actors, num_cpus and torch_threads must be non-negative (0 = automatic)")
         if self.gpus_per_actor <= 0 or self.cpus_per_actor <= 0:

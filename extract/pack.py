@@ -34,13 +34,13 @@ __all__ = ["PACKED_DIR", "pack_directory", "pack_shard"]
 PACKED_DIR = "packed"
 
 
-def _records_in_source_order(feature_file: Path, spec: str, shard: str,
-                             images: dict[str, bytes]) -> Iterator[FeatureRecord]:
+def _records_in_source_order(feature_file: Path, spec: str, shard: str, images: dict[str, bytes],
+                             limits: dict[str, int]) -> Iterator[FeatureRecord]:
     """Successful records in source order; before yielding one, ``images`` holds exactly its image."""
     table = read_feature_table(feature_file)
     rows = {key: i for i, (key, status) in enumerate(zip(table.column("key").to_pylist(),
                                                          table.column("status").to_pylist())) if status == "success"}
-    source = open_source(spec)
+    source = open_source(spec, **limits)
     source_shard = next((s for s in source.shards if s.name == shard), None)
     if source_shard is None:
         raise FileNotFoundError(f"{spec}: source shard {shard} is gone; packing needs the images it holds")
@@ -52,9 +52,11 @@ def _records_in_source_order(feature_file: Path, spec: str, shard: str,
         yield table_to_records(table.slice(rows[sample.key], 1))[0]
 
 
-def pack_shard(feature_file: str | Path, spec: str, shard: str, out: str | Path) -> dict[str, Any]:
-    """Write ``out`` (a WebDataset tar, atomically) from one feature shard and its source shard; returns
-    the manifest entry ``{"file", "samples", "bytes", "sha256", "feature_sha256", "seconds"}``."""
+def pack_shard(feature_file: str | Path, spec: str, shard: str, out: str | Path,
+               limits: dict[str, int] | None = None) -> dict[str, Any]:
+    """Write ``out`` (a WebDataset tar, atomically) from one feature shard and its source shard, read with
+    the extraction's source ``limits`` (``open_source`` keywords); returns the manifest entry ``{"file",
+    "samples", "bytes", "sha256", "feature_sha256", "seconds"}``."""
     start = time.perf_counter()
     feature_file, out = Path(feature_file), Path(out)
     images: dict[str, bytes] = {}
@@ -62,7 +64,7 @@ def pack_shard(feature_file: str | Path, spec: str, shard: str, out: str | Path)
 
     def counted() -> Iterator[FeatureRecord]:
         nonlocal count
-        for record in _records_in_source_order(feature_file, spec, shard, images):
+        for record in _records_in_source_order(feature_file, spec, shard, images, limits or {}):
             count += 1
             yield record
 
@@ -90,8 +92,10 @@ def pack_directory(out_dir: str | Path, *, progress: bool = True, manifest: Mani
     out_dir = Path(out_dir)
     manifest = Manifest.load(out_dir) if manifest is None else manifest
     spec = manifest.data["fingerprint"]["dataset"]
+    settings = manifest.data["fingerprint"].get("settings", {})
+    limits = {k: settings[k] for k in ("max_member_bytes", "max_caption_chars") if k in settings}
     todo = [name for name, e in manifest.shards.items() if e.get("status") == "complete" and not _packed_ok(out_dir, e)]
-    jobs = [(out_dir / manifest.shards[n]["file"], spec, n, out_dir / PACKED_DIR / f"{n}.tar") for n in todo]
+    jobs = [(out_dir / manifest.shards[n]["file"], spec, n, out_dir / PACKED_DIR / f"{n}.tar", limits) for n in todo]
     with tqdm(total=len(jobs), unit="shard", desc="pack", disable=not progress) as bar:
         for name, entry in zip(todo, _run(jobs)):
             manifest.shards[name]["packed"] = entry

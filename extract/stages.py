@@ -19,12 +19,19 @@ from typing import Any
 import numpy as np
 
 from softclip.pipeline.images import ImageDecodeError, decode_image
-from softclip.pipeline.sources import Source, SourceError, open_source
+from softclip.pipeline.sources import (
+    DEFAULT_MAX_CAPTION_CHARS,
+    DEFAULT_MAX_MEMBER_BYTES,
+    SAMPLE_ERROR_REASONS,
+    Source,
+    SourceError,
+    open_source,
+)
 
 __all__ = ["ERROR_REASONS", "ROW_COLUMNS", "decode_sample", "error_reason", "read_shard_rows"]
 
 ERROR_REASONS = ("empty", "corrupt", "truncated", "too_large", "missing_image", "missing_caption",
-                 "read_error")
+                 "read_error", *SAMPLE_ERROR_REASONS)
 ROW_COLUMNS = ("key", "shard", "index", "shard_total", "shard_error", "caption", "error", "pixels", "width",
                "height")
 _EMPTY_PIXELS = np.zeros((0, 0, 3), np.uint8)
@@ -36,9 +43,9 @@ def error_reason(error: str) -> str:
 
 
 @functools.lru_cache(maxsize=4)
-def _cached_source(spec: str) -> Source:
+def _cached_source(spec: str, max_member_bytes: int, max_caption_chars: int) -> Source:
     # A worker process reads many shards of the same dataset; listing it once is enough.
-    return open_source(spec)
+    return open_source(spec, max_member_bytes=max_member_bytes, max_caption_chars=max_caption_chars)
 
 
 def _row(key: str, shard: str, index: int, *, caption: str = "", error: str = "", pixels: np.ndarray = _EMPTY_PIXELS,
@@ -48,21 +55,25 @@ def _row(key: str, shard: str, index: int, *, caption: str = "", error: str = ""
             "height": pixels.shape[0]}
 
 
-def read_shard_rows(item: dict[str, Any], *, max_pixels: int, require_caption: bool) -> Iterator[dict[str, Any]]:
+def read_shard_rows(item: dict[str, Any], *, max_pixels: int, require_caption: bool,
+                    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
+                    max_caption_chars: int = DEFAULT_MAX_CAPTION_CHARS) -> Iterator[dict[str, Any]]:
     """Ray ``flat_map`` function (a CPU task per shard): ``{"spec": dataset, "shard": name}`` -> one
     decoded row per sample (see :func:`decode_sample`), then the end-of-shard marker. A shard that cannot
-    be opened yields only the marker, with ``shard_error``; a truncated one ends with the samples it had."""
+    be opened yields only the marker, with ``shard_error``; a truncated one ends with the samples it had.
+    ``max_member_bytes`` and ``max_caption_chars`` are the source's limits (see ``open_source``)."""
     spec, name = str(item["spec"]), str(item["shard"])
     count = 0
     try:
-        source = _cached_source(spec)
+        source = _cached_source(spec, max_member_bytes, max_caption_chars)
         shard = next((s for s in source.shards if s.name == name), None)
         if shard is None:
             raise SourceError(f"{spec}: no shard named {name} (was the dataset changed during the run?)")
         for sample in source.iter_shard(shard):
             caption = sample.caption or ""
             if sample.error:
-                pixels, error = _EMPTY_PIXELS, f"read_error: {sample.error}"
+                known = error_reason(sample.error) in SAMPLE_ERROR_REASONS
+                pixels, error = _EMPTY_PIXELS, sample.error if known else f"read_error: {sample.error}"
             else:
                 pixels, error = decode_sample(sample.image, caption, max_pixels=max_pixels,
                                               require_caption=require_caption)

@@ -27,12 +27,17 @@ import polars as pl
 
 from softclip.pipeline.shards import shard_name
 
-__all__ = ["IMAGE_EXTENSIONS", "Sample", "Source", "SourceError", "SourceShard", "open_source"]
+__all__ = ["DEFAULT_MAX_CAPTION_CHARS", "DEFAULT_MAX_MEMBER_BYTES", "IMAGE_EXTENSIONS", "SAMPLE_ERROR_REASONS", "Sample", "Source", "SourceError", "SourceShard", "open_source"]
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
 CAPTION_FILES = ("captions.parquet", "captions.jsonl", "captions.csv")
 _IMAGE_COLUMNS = ("image", "file", "filename", "path")
 _CAPTION_COLUMNS = ("caption", "text")
+DEFAULT_MAX_MEMBER_BYTES = 64 << 20  # a tar member larger than this is an error row, never read
+DEFAULT_MAX_CAPTION_CHARS = 4096  # CLIP reads 77 tokens; a longer caption is an error row
+# The reasons a sample's ``error`` may start with (``"<reason>: <detail>"``); other errors are read errors.
+SAMPLE_ERROR_REASONS = ("unsafe_member", "link_member", "duplicate_key", "member_too_large", "bad_caption",
+                        "caption_too_long")
 
 
 class SourceError(ValueError):
@@ -69,13 +74,15 @@ class Source:
     shards: tuple[SourceShard, ...]
     _captions: pl.DataFrame | None = None
     _image_root: Path | None = None
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES
+    max_caption_chars: int = DEFAULT_MAX_CAPTION_CHARS
 
     def iter_shard(self, shard: SourceShard) -> Iterator[Sample]:
         """Yield the samples of ``shard`` in storage order."""
         if self.kind == "webdataset":
-            yield from _iter_tar(shard)
+            yield from _iter_tar(shard, self.max_member_bytes, self.max_caption_chars)
         else:
-            yield from _iter_folder_rows(shard, self._captions, self._image_root)
+            yield from _iter_folder_rows(shard, self._captions, self._image_root, self.max_caption_chars)
 
 
 def _split_member(name: str) -> tuple[str, str]:
@@ -85,7 +92,54 @@ def _split_member(name: str) -> tuple[str, str]:
     return (f"{directory}/{stem}" if directory else stem), suffix.lower()
 
 
-def _make_sample(key: str, shard: str, members: dict[str, bytes], error: str | None = None) -> Sample:
+def _unsafe_key(key: str) -> str | None:
+    """Why ``key`` (a member name up to its first dot) must not become a sample key, or None.
+
+    Keys end up in member names of the packed training shards, so a key that could climb out of a folder
+    or mean different files on different systems is refused: absolute, ``..``, empty parts, backslashes,
+    NUL and other control characters."""
+    if not key or key.startswith("/") or "" in key.split("/"):
+        return "is absolute or has an empty path part"
+    if ".." in key.split("/"):
+        return "has a '..' path part"
+    if "\\" in key or any(ord(c) < 32 or ord(c) == 127 for c in key):
+        return "holds a backslash or a control character"
+    return None
+
+
+def _invalid_key(shard: str, position: int) -> str:
+    """The key given to an error row whose own key cannot be used: the member's position in the shard."""
+    return f"{shard}_invalid_member_{position:06d}"
+
+
+@dataclasses.dataclass
+class _Group:
+    """The consecutive members of one key, as read so far."""
+
+    key: str
+    members: dict[str, bytes] = dataclasses.field(default_factory=dict)
+    problems: list[str] = dataclasses.field(default_factory=list)
+
+
+def _caption(members: dict[str, bytes], meta: dict, max_chars: int) -> tuple[str | None, str | None]:
+    """``(caption, error)``: the .txt member (strict UTF-8) or the json's ``caption``, capped in length."""
+    if "txt" in members:
+        try:
+            caption = members["txt"].decode("utf-8")
+        except UnicodeDecodeError as err:
+            return None, f"bad_caption: the .txt member is not UTF-8 (byte {err.start}); re-encode it as UTF-8"
+    else:
+        caption = meta.get("caption")
+        if caption is not None and not isinstance(caption, str):
+            return None, f"bad_caption: the json caption is a {type(caption).__name__}, not text"
+    if caption is not None and len(caption) > max_chars:
+        return None, (f"caption_too_long: {len(caption)} characters, over max_caption_chars={max_chars} "
+                      "(raise it to keep such captions)")
+    return caption, None
+
+
+def _make_sample(key: str, shard: str, members: dict[str, bytes], error: str | None = None, *,
+                 max_caption_chars: int = 2**62) -> Sample:
     meta: dict = {}
     if "json" in members:
         try:
@@ -94,37 +148,79 @@ def _make_sample(key: str, shard: str, members: dict[str, bytes], error: str | N
             error = error or f"unreadable json member: {err}"
         if not isinstance(meta, dict):
             meta, error = {}, error or f"json member is a {type(meta).__name__}, not an object"
-    image = next((members[ext] for ext in IMAGE_EXTENSIONS if ext in members), None)
-    caption = members["txt"].decode("utf-8", errors="replace") if "txt" in members else meta.get("caption")
+    caption, caption_error = _caption(members, meta, max_caption_chars)
+    error = error or caption_error
+    image = None if error else next((members[ext] for ext in IMAGE_EXTENSIONS if ext in members), None)
     return Sample(key=key, shard=shard, image=image, caption=caption, meta=meta, error=error)
 
 
-def _iter_tar(shard: SourceShard) -> Iterator[Sample]:
+def _member_problem(member: tarfile.TarInfo, shard: SourceShard, max_member_bytes: int) -> str | None:
+    """Why ``member`` is not read (a link, a special file, over the size cap), or None."""
+    where = f"member {member.name!r} of {shard.path}"
+    if member.issym() or member.islnk():
+        kind = "symbolic" if member.issym() else "hard"
+        return f"link_member: {where} is a {kind} link to {member.linkname!r}; links are never followed"
+    if not member.isfile():
+        return f"link_member: {where} is not a regular file (tar type {member.type!r})"
+    if member.size > max_member_bytes:
+        return (f"member_too_large: {where} is {member.size} bytes, over max_member_bytes={max_member_bytes}; "
+                "it was not read (raise the cap to keep such samples)")
+    return None
+
+
+def _finish(group: _Group, shard: SourceShard, seen: dict[str, int], position: int, max_caption_chars: int,
+            error: str | None = None) -> Sample:
+    """The sample of a finished group: an error row under a substitute key when its key is unusable."""
+    key, problems = group.key, list(group.problems)
+    if (unsafe := _unsafe_key(key)) is not None:
+        names = ", ".join(repr(f"{key}.{suffix}" if suffix else key) for suffix in group.members) or repr(key)
+        problems.insert(0, f"unsafe_member: {shard.path} holds member(s) {names} whose key {unsafe}; "
+                           "such names are never written anywhere")
+        key = _invalid_key(shard.name, position)
+    elif key in seen:
+        problems.insert(0, f"duplicate_key: key {key!r} appears again in {shard.path} (first as sample "
+                           f"{seen[key]}); keys must be unique within a shard")
+        key = _invalid_key(shard.name, position)
+    seen.setdefault(key, len(seen))
+    if problems:
+        return Sample(key=key, shard=shard.name, image=None, caption=None, meta={}, error=problems[0])
+    return _make_sample(key, shard.name, group.members, error, max_caption_chars=max_caption_chars)
+
+
+def _iter_tar(shard: SourceShard, max_member_bytes: int, max_caption_chars: int) -> Iterator[Sample]:
     try:
         tar = tarfile.open(shard.path, "r")
     except (tarfile.TarError, OSError) as err:
         raise SourceError(f"{shard.path}: cannot open shard as a tar file ({err})") from err
     with tar:
-        key, members = None, {}
+        group: _Group | None = None
+        seen: dict[str, int] = {}
+        position = 0
         try:
-            for member in tar:
-                if not member.isfile():
+            for position, member in enumerate(tar):
+                if member.isdir():
                     continue
                 member_key, suffix = _split_member(member.name)
-                if key is not None and member_key != key:
-                    yield _make_sample(key, shard.name, members)
-                    members = {}
-                key = member_key
+                if group is not None and member_key != group.key:
+                    yield _finish(group, shard, seen, position, max_caption_chars)
+                    group = None
+                group = group or _Group(member_key)
+                problem = _member_problem(member, shard, max_member_bytes)
+                if problem:
+                    group.problems.append(problem)
+                    group.members.setdefault(suffix, b"")
+                    continue
                 data = tar.extractfile(member).read()
                 if len(data) != member.size:
                     raise tarfile.ReadError(f"member {member.name} has {len(data)} of {member.size} bytes")
-                members[suffix] = data
+                group.members[suffix] = data
         except (tarfile.TarError, OSError, EOFError) as err:
-            if key is not None:
-                yield _make_sample(key, shard.name, members, error=f"truncated tar member: {err}")
+            if group is not None:
+                yield _finish(group, shard, seen, position, max_caption_chars,
+                              error=f"truncated tar member: {err}")
             return
-        if key is not None:
-            yield _make_sample(key, shard.name, members)
+        if group is not None:
+            yield _finish(group, shard, seen, position + 1, max_caption_chars)
         cut = _end_of_archive_missing(tar)
         if cut is not None:  # tarfile ends quietly at a cut-off or garbled header: say so as an error row
             yield Sample(key=f"truncated_at_byte_{cut}", shard=shard.name, image=None, caption=None, meta={},
@@ -139,11 +235,16 @@ def _end_of_archive_missing(tar: tarfile.TarFile) -> int | None:
     return None if len(block) == tarfile.BLOCKSIZE and not block.strip(b"\0") else tar.offset
 
 
-def _iter_folder_rows(shard: SourceShard, captions: pl.DataFrame, image_root: Path) -> Iterator[Sample]:
+def _iter_folder_rows(shard: SourceShard, captions: pl.DataFrame, image_root: Path,
+                      max_caption_chars: int) -> Iterator[Sample]:
     start, stop = shard.rows
     for row in captions.slice(start, stop - start).iter_rows(named=True):
         meta = {k: v for k, v in row.items() if k not in ("image", "caption", "key")}
         meta["image"] = row["image"]
+        caption, error = _caption({}, {"caption": row["caption"]}, max_caption_chars)
+        if error:
+            yield Sample(key=row["key"], shard=shard.name, image=None, caption=None, meta=meta, error=error)
+            continue
         if not row["image"]:
             yield Sample(key=row["key"], shard=shard.name, image=None, caption=row["caption"], meta=meta,
                          error=f"row {row['key']} of {shard.path} has no image path")
@@ -181,21 +282,31 @@ def _read_captions(path: Path) -> pl.DataFrame:
     return frame
 
 
-def _folder_source(spec: str, captions_path: Path, image_root: Path, samples_per_shard: int) -> Source:
+def _folder_source(spec: str, captions_path: Path, image_root: Path, samples_per_shard: int,
+                   limits: dict[str, int]) -> Source:
     captions = _read_captions(captions_path)
     shards = tuple(
         SourceShard(name=shard_name(i), path=captions_path,
                     rows=(start, min(start + samples_per_shard, captions.height)))
         for i, start in enumerate(range(0, captions.height, samples_per_shard))
     )
-    return Source(spec=spec, kind="folder", shards=shards, _captions=captions, _image_root=image_root)
+    return Source(spec=spec, kind="folder", shards=shards, _captions=captions, _image_root=image_root, **limits)
 
 
-def open_source(spec: str | Path, *, samples_per_shard: int = 10_000) -> Source:
+def open_source(spec: str | Path, *, samples_per_shard: int = 10_000,
+                max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
+                max_caption_chars: int = DEFAULT_MAX_CAPTION_CHARS) -> Source:
     """Open a dataset given as a directory of tars, a brace pattern (``cc3m/{00000..00331}.tar``), one tar,
     a captions file (.csv/.jsonl/.parquet with image and caption columns; image paths relative to it), or
     a directory holding ``captions.{parquet,jsonl,csv}``. Raises :class:`SourceError` when nothing usable
-    is there, saying what was expected."""
+    is there, saying what was expected.
+
+    A tar member over ``max_member_bytes`` (checked from its header, before reading) and a caption over
+    ``max_caption_chars`` characters make their sample an error row."""
+    if max_member_bytes < 1 or max_caption_chars < 1:
+        raise ValueError(f"max_member_bytes and max_caption_chars must be positive, got {max_member_bytes} "
+                         f"and {max_caption_chars}")
+    limits = {"max_member_bytes": max_member_bytes, "max_caption_chars": max_caption_chars}
     spec = str(spec)
     path = Path(spec)
     if "{" in spec:
@@ -209,13 +320,13 @@ def open_source(spec: str | Path, *, samples_per_shard: int = 10_000) -> Source:
         if not tars:
             for name in CAPTION_FILES:
                 if (path / name).is_file():
-                    return _folder_source(spec, path / name, path, samples_per_shard)
+                    return _folder_source(spec, path / name, path, samples_per_shard, limits)
             raise SourceError(f"{spec}: no *.tar shards and no {' / '.join(CAPTION_FILES)} in this directory; "
                               "expected an img2dataset output folder or an image folder with a captions file")
     elif path.is_file() and path.suffix == ".tar":
         tars = [path]
     elif path.is_file() and path.suffix in (".csv", ".jsonl", ".parquet"):
-        return _folder_source(spec, path, path.parent, samples_per_shard)
+        return _folder_source(spec, path, path.parent, samples_per_shard, limits)
     else:
         raise SourceError(f"{spec}: no such dataset (expected a directory of .tar shards, a brace pattern, "
                           "a .tar file, or a captions .csv/.jsonl/.parquet file)")
@@ -225,4 +336,4 @@ def open_source(spec: str | Path, *, samples_per_shard: int = 10_000) -> Source:
         if first.setdefault(shard.name, shard.path) != shard.path:
             raise SourceError(f"{spec}: two shards are named {shard.name} ({first[shard.name]} and {shard.path}); "
                               "shard names key the extracted shards, so each file name must appear once")
-    return Source(spec=spec, kind="webdataset", shards=shards)
+    return Source(spec=spec, kind="webdataset", shards=shards, **limits)
