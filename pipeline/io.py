@@ -8,6 +8,7 @@ would give them (``0o666`` less the umask), not ``mkstemp``'s owner-only ``0o600
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -16,11 +17,36 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "file_sha256",
-           "temporary_file_beside"]
+__all__ = ["DiskFullError", "atomic_path", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "file_sha256",
+           "disk_full_names", "temporary_file_beside"]
 
 _UMASK = os.umask(0)  # read once at import (os.umask can only be read by setting it) ...
 os.umask(_UMASK)  # ... and put back at once
+
+
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
+
+
+class DiskFullError(OSError):
+    """The disk (or the quota) filled up while writing a file; the message names the file."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+@contextlib.contextmanager
+def disk_full_names(path: str | Path) -> Iterator[None]:
+    """Turn an ``ENOSPC``/``EDQUOT`` error inside the block into a :class:`DiskFullError` naming ``path``
+    (the error alone says "No space left on device", not where); other errors pass unchanged."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except OSError as err:
+        if err.errno not in _DISK_FULL:
+            raise
+        raise DiskFullError(err.errno, f"disk full writing {path} ({err.strerror}); free space there, then "
+                                       "rerun (finished work is kept)") from err
 
 
 def temporary_file_beside(path: Path) -> Path:
@@ -54,7 +80,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically and fsync it."""
     path = Path(path)
-    with atomic_path(path) as tmp:
+    with disk_full_names(path), atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()

@@ -17,16 +17,21 @@ def _save(run_dir, steps, **kwargs):
     return run_dir / "checkpoints"
 
 
+def _names(folder):
+    """The checkpoint files of ``folder`` (their ``.sha256`` sidecars are tested in test_checkpoint_integrity)."""
+    return sorted(p.name for p in folder.iterdir() if not p.name.endswith(".sha256"))
+
+
 def test_latest_is_a_link_to_the_newest_step_file(tmp_path):
     folder = _save(tmp_path, [1, 2])
-    assert sorted(p.name for p in folder.iterdir()) == ["latest.pt", "step_0000001.pt", "step_0000002.pt"]
+    assert _names(folder) == ["latest.pt", "step_0000001.pt", "step_0000002.pt"]
     assert os.path.samefile(folder / "latest.pt", folder / "step_0000002.pt")
     assert torch.load(resolve_resume("latest", tmp_path), weights_only=True)["step"] == 2
 
 
 def test_keep_prunes_old_step_files_and_latest_survives(tmp_path):
     folder = _save(tmp_path, [1, 2, 3], keep=1)
-    assert sorted(p.name for p in folder.iterdir()) == ["latest.pt", "step_0000003.pt"]
+    assert _names(folder) == ["latest.pt", "step_0000003.pt"]
     (folder / "step_0000003.pt").unlink()  # a user cleaning up step files does not lose latest.pt
     assert torch.load(folder / "latest.pt", weights_only=True)["step"] == 3
 
@@ -34,7 +39,7 @@ def test_keep_prunes_old_step_files_and_latest_survives(tmp_path):
 def test_keep_never_prunes_the_file_just_written(tmp_path):
     folder = _save(tmp_path, [5, 6])  # higher-numbered files left by a later, abandoned branch of the run
     save_checkpoint(tmp_path, 3, {"step": 3, "weight": torch.zeros(1)}, keep=2)
-    assert sorted(p.name for p in folder.iterdir()) == ["latest.pt", "step_0000003.pt", "step_0000006.pt"]
+    assert _names(folder) == ["latest.pt", "step_0000003.pt", "step_0000006.pt"]
     assert torch.load(folder / "latest.pt", weights_only=True)["step"] == 3
 
 
@@ -45,7 +50,8 @@ def test_checkpoint_is_fsynced_before_the_rename(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "replace", lambda a, b: events.append(f"replace {os.path.basename(b)}")
                         or real_replace(a, b))
     _save(tmp_path, [1])
-    assert events == ["fsync", "replace step_0000001.pt", "replace latest.pt"]
+    assert events == ["fsync", "replace step_0000001.pt", "fsync", "replace step_0000001.pt.sha256",
+                      "replace latest.pt", "fsync", "replace latest.pt.sha256"]
 
 
 def test_resaving_a_step_replaces_latest(tmp_path):
@@ -72,7 +78,7 @@ def test_other_link_errors_are_raised_and_the_step_file_stays(tmp_path, monkeypa
     with pytest.raises(OSError, match="No space left"):
         _save(tmp_path, [1])
     folder = tmp_path / "checkpoints"
-    assert sorted(p.name for p in folder.iterdir()) == ["step_0000001.pt"]
+    assert _names(folder) == ["step_0000001.pt"]
 
 
 def test_latest_falls_back_to_the_newest_step_file(tmp_path):

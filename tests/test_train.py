@@ -87,7 +87,7 @@ def test_cli_trains_clip_and_checkpoint_loads(data_root, tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert "trained to step 3" in result.output
     files = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    assert files == ["latest.pt", "step_0000003.pt"]
+    assert files == ["latest.pt", "latest.pt.sha256", "step_0000003.pt", "step_0000003.pt.sha256"]
     ckpt = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=True)
     assert ckpt["model_name"] == "shapes-rn" and ckpt["config"]["loss"]["lam"] == 0.0
     assert set(ckpt) >= {"state_dict", "model_config", "roi_state_dict", "optimizer", "step", "rng",

@@ -3,7 +3,11 @@
 Layout of ``RUN_DIR/checkpoints/``: one step file per checkpointed step, named by the step zero-padded to
 7 digits (``step_0001000.pt``), and ``latest.pt``, always the newest one (both written atomically,
 ``latest.pt`` last). ``latest.pt`` is a hard link to the newest step file, so it costs no disk space (a copy
-on file systems without hard links); deleting step files leaves it intact.
+on file systems without hard links); deleting step files leaves it intact. Beside each file, a
+``sha256sum``-style sidecar (``step_0001000.pt.sha256``: ``<hex>  step_0001000.pt``) holds its checksum:
+:func:`load_checkpoint` refuses a file that does not match it, and resuming from ``latest`` falls back to
+the newest intact step file (``sha256sum -c *.sha256`` checks them by hand). A file without a sidecar
+(written before checksums existed) loads unverified, with a warning.
 A checkpoint holds:
 
 - ``state_dict``: the open_clip ``CLIP`` state dict in open_clip's own layout (what
@@ -18,6 +22,8 @@ A checkpoint holds:
 from __future__ import annotations
 
 import errno
+import hashlib
+import logging
 import os
 import random
 import shutil
@@ -26,9 +32,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from softclip.pipeline.io import atomic_path
+from softclip.pipeline.io import atomic_path, atomic_write_text, disk_full_names, file_sha256
 
-__all__ = ["capture_rng", "checkpoint_path", "resolve_resume", "restore_rng", "save_checkpoint"]
+__all__ = ["CorruptCheckpointError", "capture_rng", "checkpoint_path", "load_checkpoint", "resolve_resume",
+           "restore_rng", "save_checkpoint", "verify_checkpoint"]
+
+log = logging.getLogger(__name__)
+
+# What a killed save leaves: pipeline.io names its temporaries ``.tmp-<final name>.<random>``.
+_STALE_PATTERNS = (".tmp-step_*.pt.*", ".tmp-latest.pt.*")
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint file is damaged (checksum mismatch, truncated, not a torch checkpoint); names the file."""
 
 
 def checkpoint_path(run_dir: str | Path, step: int) -> Path:
@@ -61,22 +77,73 @@ def restore_rng(state: dict) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
+class _HashingWriter:
+    """A file object for ``torch.save`` that hashes what it writes and keeps the first write error (torch
+    turns it into a RuntimeError such as "enforce fail at inline_container.cc ... unexpected pos")."""
+
+    def __init__(self, file):
+        self.file = file
+        self.digest = hashlib.sha256()
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            written = self.file.write(data)
+        except OSError as err:
+            self.error = self.error or err
+            raise
+        self.digest.update(data)
+        return written
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(f"{path.name}.sha256")
+
+
+def _write_step_file(path: Path, checkpoint: dict) -> str:
+    """Write ``path`` atomically and fsynced; returns its SHA-256. A full disk raises DiskFullError."""
+    writer = None
+    with disk_full_names(path):
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                writer = _HashingWriter(f)
+                try:
+                    torch.save(checkpoint, writer)
+                except RuntimeError as err:
+                    if writer.error is None:
+                        raise
+                    raise writer.error from err  # the OSError torch hid (ENOSPC: named by disk_full_names)
+                f.flush()
+                os.fsync(f.fileno())  # on disk before the rename makes it visible
+    return writer.digest.hexdigest()
+
+
 def save_checkpoint(run_dir: str | Path, step: int, checkpoint: dict, *, keep: int = 0) -> Path:
-    """Write ``checkpoint`` as its step file (fsynced) and then ``latest.pt``, atomically; with
-    ``keep > 0`` only ``keep`` step files are kept: this one and the highest-numbered others. Returns the
-    step file."""
+    """Write ``checkpoint`` as its step file (fsynced) with its checksum sidecar, then ``latest.pt`` (and
+    its sidecar), atomically; with ``keep > 0`` only ``keep`` step files are kept: this one and the
+    highest-numbered others. Temporaries left by a killed save are removed. Returns the step file.
+
+    Raises:
+        DiskFullError: the disk filled up; the message names the file, earlier checkpoints are intact.
+    """
     path = checkpoint_path(run_dir, step)
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())  # on disk before the rename makes it visible
-    with atomic_path(path.parent / "latest.pt") as tmp:
+    digest = _write_step_file(path, checkpoint)
+    atomic_write_text(_sidecar(path), f"{digest}  {path.name}\n")
+    latest = path.parent / "latest.pt"
+    with disk_full_names(latest), atomic_path(latest) as tmp:
         _link_or_copy(path, tmp)
+    atomic_write_text(_sidecar(latest), f"{digest}  {latest.name}\n")
     if keep:
         others = sorted(p for p in path.parent.glob("step_*.pt") if p != path)
         for old in others[: max(len(others) - (keep - 1), 0)]:  # the file just written is always kept
             old.unlink()
+            _sidecar(old).unlink(missing_ok=True)
+    for pattern in _STALE_PATTERNS:  # a save killed earlier (only rank 0 saves: none of these is live)
+        for stale in path.parent.glob(pattern):
+            stale.unlink(missing_ok=True)
     return path
 
 
@@ -95,13 +162,84 @@ def _link_or_copy(source: Path, target: Path) -> None:
         shutil.copyfile(source, target)
 
 
-def resolve_resume(resume: str, run_dir: str | Path) -> Path:
-    """The checkpoint file of ``--resume``: ``latest`` means ``RUN_DIR/checkpoints/latest.pt``, or the newest
-    step file when a crash came between writing that and linking ``latest.pt``."""
-    path = Path(run_dir) / "checkpoints" / "latest.pt" if resume == "latest" else Path(resume)
-    if resume == "latest" and not path.is_file():
-        path = max(path.parent.glob("step_*.pt"), default=path)
+def verify_checkpoint(path: str | Path) -> bool:
+    """Check ``path`` against its ``.sha256`` sidecar; returns False when there is no sidecar to check.
+
+    Raises:
+        CorruptCheckpointError: the checksum differs, or the sidecar is unreadable.
+    """
+    path = Path(path)
+    sidecar = _sidecar(path)
+    if not sidecar.is_file():
+        return False
+    recorded = sidecar.read_bytes().split(b" ", 1)[0].decode("ascii", errors="replace").strip()
+    if len(recorded) != 64:
+        raise CorruptCheckpointError(f"{path}: its checksum file {sidecar.name} is damaged; resume from another "
+                                     "checkpoints/step_*.pt")
+    actual = file_sha256(path)
+    if actual != recorded:
+        raise CorruptCheckpointError(
+            f"{path}: the file is damaged (checksum sha256 {actual[:12]}... differs from {recorded[:12]}... in "
+            f"{sidecar.name}); resume from another checkpoints/step_*.pt")
+    return True
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """A checkpoint dict from ``path``: verified against its checksum, then read with
+    ``torch.load(weights_only=True)`` on the CPU.
+
+    Raises:
+        FileNotFoundError: there is no such file.
+        CorruptCheckpointError: a checksum mismatch, or a file torch cannot read (truncated, random
+            bytes, not a dict); one line naming the file.
+    """
+    path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"cannot resume: checkpoint {path} does not exist (give a checkpoint file or "
-                                "'latest' for the run directory's newest)")
-    return path
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if not verify_checkpoint(path):
+        log.warning("%s has no checksum file (%s): loading it unverified", path, _sidecar(path).name)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - damaged bytes raise anything from IndexError to UnpicklingError
+        detail = " ".join(str(err).split())[:200]
+        raise CorruptCheckpointError(f"{path}: cannot read the checkpoint, the file is truncated or not a torch "
+                                     f"checkpoint ({type(err).__name__}: {detail}); resume from another "
+                                     "checkpoints/step_*.pt") from err
+    if not isinstance(checkpoint, dict):
+        raise CorruptCheckpointError(f"{path}: holds a {type(checkpoint).__name__}, not a checkpoint dict")
+    return checkpoint
+
+
+def resolve_resume(resume: str, run_dir: str | Path) -> Path:
+    """The checkpoint file of ``--resume``: a path (checked against its checksum), or ``latest``: the newest
+    intact one of ``RUN_DIR/checkpoints/latest.pt`` and its step files (a damaged ``latest.pt`` falls back
+    to the newest step file that matches its checksum, with a warning saying which).
+
+    Raises:
+        FileNotFoundError: no such checkpoint.
+        CorruptCheckpointError: the given file is damaged, or (``latest``) every checkpoint is.
+    """
+    if resume != "latest":
+        path = Path(resume)
+        if not path.is_file():
+            raise FileNotFoundError(f"cannot resume: checkpoint {path} does not exist (give a checkpoint file or "
+                                    "'latest' for the run directory's newest)")
+        verify_checkpoint(path)
+        return path
+    folder = Path(run_dir) / "checkpoints"
+    candidates = [p for p in [folder / "latest.pt", *sorted(folder.glob("step_*.pt"), reverse=True)] if p.is_file()]
+    if not candidates:
+        raise FileNotFoundError(f"cannot resume: checkpoint {folder / 'latest.pt'} does not exist (give a checkpoint "
+                                "file or 'latest' for the run directory's newest)")
+    problems = []
+    for path in candidates:
+        try:
+            verify_checkpoint(path)
+        except CorruptCheckpointError as err:
+            problems.append(str(err))
+            continue
+        if problems:
+            log.warning("resuming from %s, the newest intact checkpoint: %s", path, "; ".join(problems))
+        return path
+    raise CorruptCheckpointError(f"{folder}: no intact checkpoint to resume from ({'; '.join(problems)}); "
+                                 "start a new run_dir")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import pickle
 import random
 import time
 from pathlib import Path
@@ -23,7 +22,13 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from softclip.pipeline.config import from_dict, save_config, to_dict
-from softclip.train.checkpoint import capture_rng, resolve_resume, restore_rng, save_checkpoint
+from softclip.train.checkpoint import (
+    capture_rng,
+    load_checkpoint,
+    resolve_resume,
+    restore_rng,
+    save_checkpoint,
+)
 from softclip.train.config import TrainConfig
 from softclip.train.data import ERROR_KINDS, TrainData
 from softclip.train.losses import SoftCLIPLoss
@@ -122,11 +127,7 @@ def _restore(path: Path, cfg: TrainConfig, model: SoftCLIPModel, optimizer, rank
     """Load a checkpoint into ``model`` and ``optimizer``; returns the progress to continue from. The run's
     optimizer settings (weight decay, betas, eps) apply, not the saved ones; the moments and step counts are
     restored."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError) as error:
-        raise ValueError(f"{path}: cannot read the checkpoint, the file is truncated or not a torch checkpoint "
-                         f"({error}); resume from another checkpoints/step_*.pt") from error
+    ckpt = load_checkpoint(path)  # checksum-verified; a damaged file is one CorruptCheckpointError naming it
     missing = [key for key in _CHECKPOINT_KEYS if key not in ckpt] if isinstance(ckpt, dict) else _CHECKPOINT_KEYS
     if missing:
         raise ValueError(f"{path}: not a training checkpoint of `softclip train` (no {', '.join(missing)}); a "
