@@ -13,6 +13,7 @@ a crashed run's leftovers (here and under ``packed/``) are removed by :func:`rem
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections import Counter
@@ -26,11 +27,13 @@ from softclip.extract.actor import batch_to_records
 from softclip.extract.manifest import Manifest
 from softclip.extract.pack import PACKED_DIR
 from softclip.extract.stages import error_reason
-from softclip.pipeline.io import file_sha256, temporary_file_beside
+from softclip.pipeline.io import disk_full_names, file_sha256, temporary_file_beside
 from softclip.pipeline.shards import FeatureRecord, feature_schema, records_to_table
 
 __all__ = ["IncompleteShardsError", "ShardAssembler", "feature_path", "remove_stale_temporaries",
            "stale_temporaries"]
+
+log = logging.getLogger(__name__)
 
 
 class IncompleteShardsError(RuntimeError):
@@ -130,7 +133,8 @@ class ShardAssembler:
                 self._flush(shard)
         done = [name for name, shard in self._open.items() if shard.complete]
         for name in done:
-            self._commit(self._open.pop(name))
+            self._commit(self._open[name])  # still open while committing: abort() removes its file on error
+            del self._open[name]
             self._committed.add(name)
         return added, done
 
@@ -143,17 +147,20 @@ class ShardAssembler:
             shard.errors[error_reason(record.error or "unknown")] += 1
 
     def _flush(self, shard: _OpenShard) -> None:
-        if shard.writer is None:
-            shard.writer = pq.ParquetWriter(shard.tmp, feature_schema(self.feature_dim), compression="zstd",
-                                            compression_level=3)
-        if shard.buffer:
-            shard.writer.write_table(records_to_table(shard.buffer, self.feature_dim))
-            shard.buffer = []
+        with disk_full_names(feature_path(self.out_dir, shard.name)):
+            if shard.writer is None:
+                shard.writer = pq.ParquetWriter(shard.tmp, feature_schema(self.feature_dim), compression="zstd",
+                                                compression_level=3)
+            if shard.buffer:
+                shard.writer.write_table(records_to_table(shard.buffer, self.feature_dim))
+                shard.buffer = []
 
     def _commit(self, shard: _OpenShard) -> None:
         self._flush(shard)  # opens the writer even for a shard without samples: an empty, valid file
-        shard.writer.close()
         final = feature_path(self.out_dir, shard.name)
+        with disk_full_names(final):
+            shard.writer.close()
+        shard.writer = None
         os.replace(shard.tmp, final)
         self.manifest.record(shard.name, {
             "status": "complete", "file": final.name, "rows": shard.expected, "ok": shard.ok,
@@ -169,14 +176,21 @@ class ShardAssembler:
 
     @staticmethod
     def _discard(shard: _OpenShard) -> None:
-        if shard.writer is not None:
-            shard.writer.close()
-        shard.tmp.unlink(missing_ok=True)
+        try:
+            if shard.writer is not None:
+                shard.writer.close()  # after a failed write (a full disk) closing can fail the same way ...
+        finally:
+            shard.tmp.unlink(missing_ok=True)  # ... the file goes all the same
 
     def abort(self) -> None:
-        """Drop the shards still open: their temporary files are removed, nothing is recorded."""
+        """Drop the shards still open: their temporary files are removed, nothing is recorded. Called while
+        another error propagates, so a shard whose writer cannot even be closed (the disk that failed the
+        run is still full) is logged and its file removed; the error being raised is the one to report."""
         for shard in self._open.values():
-            self._discard(shard)
+            try:
+                self._discard(shard)
+            except OSError as err:
+                log.warning("could not close %s while aborting (%s); removed it", shard.tmp, err)
         self._open.clear()
 
     def close(self) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 import typer
 
 from softclip.pipeline.config import apply_overrides, load_config
+from softclip.pipeline.io import DiskFullError
 from softclip.pipeline.shapes import ShapesConfig, generate
 
 __all__ = ["STAGE_CLI_MODULES", "build_app", "main"]
@@ -63,13 +64,14 @@ def main() -> None:
     """Entry point of the ``softclip`` console script.
 
     User errors (a bad config key, a missing file, an output folder that holds something else, an
-    unreadable shard: ``ValueError``, ``FileNotFoundError`` and ``FileExistsError`` subclasses) print one
-    line and exit with status 2; ``SOFTCLIP_DEBUG=1`` shows the traceback instead.
+    unreadable shard: ``ValueError``, ``FileNotFoundError`` and ``FileExistsError`` subclasses) and a full
+    disk (``DiskFullError``, naming the file) print one line and exit with status 2; ``SOFTCLIP_DEBUG=1``
+    shows the traceback instead.
     """
     app = build_app()
     try:
         app()
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, DiskFullError) as err:
         if os.environ.get("SOFTCLIP_DEBUG"):
             raise
         typer.echo(f"softclip: error: {err}", err=True)

@@ -26,7 +26,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from softclip.pipeline.io import atomic_path
+from softclip.pipeline.io import atomic_path, disk_full_names
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -200,7 +200,7 @@ def records_to_table(records: list[FeatureRecord], feature_dim: int) -> pa.Table
 def write_parquet_shard(path: str | Path, records: list[FeatureRecord], *, feature_dim: int) -> Path:
     """Write ``records`` to ``path`` as one zstd-compressed Parquet file, atomically."""
     table = records_to_table(records, feature_dim)
-    with atomic_path(path) as tmp:
+    with disk_full_names(path), atomic_path(path) as tmp:
         pq.write_table(table, tmp, compression="zstd", compression_level=3)
     return Path(path)
 
@@ -289,7 +289,7 @@ def write_webdataset_shard(path: str | Path, records: Iterable[FeatureRecord],
     """Write ``records`` as a WebDataset tar, atomically: per key ``.json`` (scalars, names, attributes),
     ``.txt`` (caption), ``.boxes.npy``, ``.geometry.npy``, ``.roi.npy``, ``.labels.npy``, ``.scores.npy``
     and, when ``images`` has the key, ``.jpg`` (the encoded image, for packed training shards)."""
-    with atomic_path(path) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+    with disk_full_names(path), atomic_path(path) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
         for r in records:
             meta = {f.name: getattr(r, f.name) for f in dataclasses.fields(r) if f.name not in _NPY_MEMBERS}
             meta["num_boxes"] = r.num_boxes
