@@ -8,11 +8,17 @@ runner writes the marker last (atomically). An interrupted stage leaves a folder
 the next run hands the same folder back to the stage, which continues where it stopped. A marker that
 cannot be read (a disk that filled up, a hand edit) makes the artifact ``corrupt``: listed as such, and
 treated like an incomplete one.
+
+A running workflow *holds* each artifact it uses: a shared ``flock`` on the artifact's lock file
+``CACHE/<kind>/.<key>.lock`` (beside its folder, which stages want to themselves), kept until the run ends. :meth:`ArtifactCache.gc` deletes only artifacts it can lock exclusively and names
+the others as in use. The operating system drops the locks of a process that dies, even by SIGKILL, so a
+crashed run never leaves a stale lock.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -24,7 +30,7 @@ from typing import Any
 
 from softclip.pipeline.io import atomic_write_json, file_sha256
 
-__all__ = ["Artifact", "ArtifactCache", "CorruptArtifactError", "artifact_key", "default_cache_dir",
+__all__ = ["Artifact", "ArtifactCache", "ArtifactInUseError", "CorruptArtifactError", "artifact_key", "default_cache_dir",
            "file_fingerprint", "tree_fingerprint"]
 
 MARKER = "artifact.json"
@@ -32,6 +38,10 @@ MARKER = "artifact.json"
 
 class CorruptArtifactError(ValueError):
     """An artifact's ``artifact.json`` is not a JSON object; the message names the file."""
+
+
+class ArtifactInUseError(RuntimeError):
+    """An artifact to be recomputed is held by another running workflow."""
 
 
 def default_cache_dir() -> Path:
@@ -137,11 +147,50 @@ class Artifact:
         return sum(stats.values())
 
 
+def _lock_path(artifact: Artifact) -> Path:
+    return artifact.path.parent / f".{artifact.key}.lock"
+
+
+def _lock(artifact: Artifact, mode: int) -> int | None:
+    """An fd holding ``flock(mode)`` on the artifact's lock file (made if missing), or None when ``mode``
+    has ``LOCK_NB`` and another process holds a conflicting lock. A lock taken on a file that a concurrent
+    gc removed meanwhile is retaken on a new file."""
+    path = _lock_path(artifact)
+    while True:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, mode)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:
+            current = os.stat(path)
+        except FileNotFoundError:
+            current = None
+        if current is not None and os.path.samestat(current, os.fstat(fd)):
+            return fd
+        os.close(fd)  # gc removed the lock file between our open and our lock: lock a new one
+
+
 class ArtifactCache:
     """The artifacts under one cache folder."""
 
     def __init__(self, root: str | Path | None = None):
         self.root = Path(root) if root is not None else default_cache_dir()
+        self._held: dict[Path, int] = {}
+
+    def hold(self, artifact: Artifact) -> None:
+        """Mark ``artifact`` in use by this process until :meth:`release` (or the process ends): ``gc`` in
+        any process then keeps it. Waits while a gc is deleting it."""
+        if artifact.path not in self._held:
+            self._held[artifact.path] = _lock(artifact, fcntl.LOCK_SH)
+
+    def release(self) -> None:
+        """Drop every hold this cache object took."""
+        for fd in self._held.values():
+            os.close(fd)
+        self._held.clear()
 
     def artifact(self, kind: str, key: str) -> Artifact:
         return Artifact(kind=kind, key=key, path=self.root / kind / key)
@@ -154,16 +203,26 @@ class ArtifactCache:
                 for kind_dir in sorted(self.root.iterdir()) if kind_dir.is_dir()
                 for path in sorted(kind_dir.iterdir()) if path.is_dir()]
 
-    def remove(self, artifact: Artifact) -> None:
-        shutil.rmtree(artifact.path)
+    def remove(self, artifact: Artifact) -> bool:
+        """Delete ``artifact`` unless a running workflow holds it; returns whether it was deleted."""
+        fd = _lock(artifact, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if fd is None:
+            return False
+        try:
+            if artifact.path.exists():
+                shutil.rmtree(artifact.path)
+            _lock_path(artifact).unlink(missing_ok=True)  # a run that opened it meanwhile retakes a new one
+        finally:
+            os.close(fd)
+        return True
 
-    def gc(self, keep: set[str] | None = None) -> list[Artifact]:
+    def gc(self, keep: set[str] | None = None) -> tuple[list[Artifact], list[Artifact]]:
         """Delete the artifacts whose key is not in ``keep``; without ``keep``, the incomplete (and corrupt)
-        ones. An incomplete artifact in ``keep`` stays: the next run resumes it. Returns what was deleted."""
-        removed = []
+        ones. An incomplete artifact in ``keep`` stays: the next run resumes it, and so does one a running
+        workflow holds (see :meth:`hold`). Returns ``(deleted, kept because in use)``."""
+        removed, in_use = [], []
         for artifact in self.list():
             unused = artifact.key not in keep if keep is not None else not artifact.complete
             if unused:
-                self.remove(artifact)
-                removed.append(artifact)
-        return removed
+                (removed if self.remove(artifact) else in_use).append(artifact)
+        return removed, in_use

@@ -89,10 +89,13 @@ def cache_gc(keep: list[Path] = typer.Argument(None, help="Workflow files whose 
         keep_keys = {r.key for path in keep
                      for r in WorkflowRunner(load_workflow(path), cache=cache, log=lambda _: None).plan()}
     start = time.perf_counter()
-    removed = cache.gc(keep_keys)
+    removed, in_use = cache.gc(keep_keys)
     for artifact in removed:
         typer.echo(f"removed {artifact.kind} {artifact.key}")
-    typer.echo(f"cache gc: removed {len(removed)} artifacts in {time.perf_counter() - start:.1f}s")
+    for artifact in in_use:
+        typer.echo(f"kept {artifact.kind} {artifact.key}: in use by a running workflow")
+    typer.echo(f"cache gc: removed {len(removed)} artifacts, kept {len(in_use)} in use, in "
+               f"{time.perf_counter() - start:.1f}s")
 
 
 def datasets(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:

@@ -21,10 +21,17 @@ from typing import Any
 from softclip.pipeline.config import ConfigError, apply_overrides, from_dict, load_config, read_yaml, to_dict
 from softclip.pipeline.registry import data_root, resolve_dataset
 from softclip.pipeline.shapes import generate as generate_shapes
-from softclip.workflows.cache import Artifact, ArtifactCache, artifact_key, file_fingerprint, tree_fingerprint
+from softclip.workflows.cache import (
+    Artifact,
+    ArtifactCache,
+    ArtifactInUseError,
+    artifact_key,
+    file_fingerprint,
+    tree_fingerprint,
+)
 from softclip.workflows.config import TrainStep, WorkflowConfig
 
-__all__ = ["STAGES", "StageRecord", "WorkflowResult", "WorkflowRunner", "load_workflow"]
+__all__ = ["STAGES", "StageRecord", "UnreadableShardsError", "WorkflowResult", "WorkflowRunner", "load_workflow"]
 
 STAGES = ("dataset", "detector", "extract", "train", "eval")
 _PACKED_DIR = "packed"  # where extract.pack writes the WebDataset training shards, inside the extraction
@@ -148,6 +155,8 @@ class WorkflowRunner:
         step = self.workflow.dataset
         if step.shapes is None:
             location = (Path(os.path.expandvars(step.path)) if step.path else resolve_dataset(step.name)).resolve()
+            if not location.exists():
+                raise FileNotFoundError(f"dataset not found: {location} (from '{step.path or step.name}')")
             key = artifact_key("dataset", {"location": str(location), "files": tree_fingerprint(location)}, {})
             return StageRecord("dataset", step.name or str(location), key, None, True,
                                outputs={"root": str(location), "train": str(location), "eval": None})
@@ -183,7 +192,6 @@ class WorkflowRunner:
                                       "config": str(artifact.path / "detector.yaml")})
 
     def _extract(self, dataset: StageRecord, detector: StageRecord) -> StageRecord:
-        from softclip.extract.job import run_extraction
         from softclip.extract.job_config import ExtractConfig
 
         step = self.workflow.extract
@@ -201,7 +209,7 @@ class WorkflowRunner:
             settings["detector_overrides"]["config"] = "<the detector's config>"
         artifact = self.cache.artifact("extract", artifact_key("extract", settings, inputs))
         cfg = cfg.replace(out=artifact.path)
-        return self._produce(artifact, "features", settings, inputs, lambda: run_extraction(cfg),
+        return self._produce(artifact, "features", settings, inputs, lambda: _extract_every_shard(cfg),
                              outputs={"features": str(artifact.path), "packed": str(artifact.path / _PACKED_DIR)},
                              describe=_feature_dim)
 
@@ -275,8 +283,11 @@ class WorkflowRunner:
         """Return the cached artifact, or run ``make`` into its folder and mark it complete."""
         if not self.dry_run:  # a plan removes nothing and does not count as this run's recomputation
             if artifact.kind in self.forced and artifact.key not in self._recomputed and artifact.path.exists():
-                self.cache.remove(artifact)
+                if not self.cache.remove(artifact):
+                    raise ArtifactInUseError(f"cannot recompute {artifact.path}: another running workflow uses "
+                                             "it; wait for that run to end")
             self._recomputed.add(artifact.key)
+            self.cache.hold(artifact)  # until this run ends: `softclip cache gc` leaves it alone
         complete = artifact.complete
         if self.dry_run or complete:
             # Paths come from the artifact's current folder (the cache may have moved); the marker adds
@@ -301,7 +312,18 @@ class WorkflowRunner:
         return StageRecord(artifact.kind, name, artifact.key, artifact.path, False, seconds, outputs)
 
     def run(self) -> WorkflowResult:
-        """Run the workflow up to ``until``; returns what each stage did."""
+        """Run the workflow up to ``until``; returns what each stage did. Every stage's inputs (config files,
+        detector files, the dataset) are checked first, by planning the whole run, so a missing or broken
+        one stops the run before its first stage."""
+        if self.dry_run:
+            return self._run_stages()
+        self.plan()
+        try:
+            return self._run_stages()
+        finally:
+            self.cache.release()
+
+    def _run_stages(self) -> WorkflowResult:
         start = time.perf_counter()
         self.records = []
         dataset = self._add(self._dataset())
@@ -329,6 +351,27 @@ class WorkflowRunner:
             self.log(f"[given]  {record.stage:<8} {record.name:<16} {record.outputs.get('train') or record.outputs.get('weights')}")
         self.records.append(record)
         return record
+
+
+class UnreadableShardsError(ValueError):
+    """Some dataset shards could not be read: the extraction artifact stays incomplete (a rerun retries them)."""
+
+
+def _extract_every_shard(cfg) -> None:
+    """Run the extraction; raise when a shard could not be read, so the artifact is not marked complete
+    and the next run retries that shard (finished shards are kept)."""
+    from softclip.extract.job import run_extraction
+    from softclip.extract.manifest import Manifest
+
+    run_extraction(cfg)
+    shards = Manifest.load(cfg.out).shards
+    unreadable = {name: entry["error"] for name, entry in shards.items() if entry["status"] == "unreadable"}
+    if unreadable:
+        shown = "; ".join(f"{name}: {error}" for name, error in list(unreadable.items())[:3])
+        raise UnreadableShardsError(
+            f"extraction {cfg.out}: {len(unreadable)} of {len(shards)} dataset shards could not be read ({shown}"
+            f"{'; ...' if len(unreadable) > 3 else ''}); replace or remove them and rerun, which retries them "
+            "and keeps the finished shards")
 
 
 def _feature_dim(features_dir: Path) -> dict[str, Any]:
