@@ -29,7 +29,9 @@ __all__ = [
     "CheckpointError",
     "check_state_dict",
     "infer_arch",
+    "names_path",
     "read_labelmap",
+    "read_labelmap_for",
     "read_state_dict",
     "write_checkpoint",
     "write_labelmap",
@@ -160,12 +162,20 @@ def check_state_dict(state: dict[str, Tensor], expected: dict[str, tuple[int, ..
 
 
 def _indexed_names(data: dict, name_to_idx: str, idx_to_name: str, zero_name: str, source: str) -> list[str]:
-    if name_to_idx in data:
-        pairs = {int(v): str(k) for k, v in data[name_to_idx].items()}
-    elif idx_to_name in data:
-        pairs = {int(k): str(v) for k, v in data[idx_to_name].items()}
-    else:
+    if name_to_idx not in data and idx_to_name not in data:
         raise CheckpointError(f"{source}: label map has neither '{name_to_idx}' nor '{idx_to_name}'")
+    try:
+        by_name = {int(v): str(k) for k, v in data[name_to_idx].items()} if name_to_idx in data else None
+        by_index = {int(k): str(v) for k, v in data[idx_to_name].items()} if idx_to_name in data else None
+    except (AttributeError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{source}: '{name_to_idx}' / '{idx_to_name}' must map names to integer indices "
+                              f"({err})") from err
+    if by_name is not None and by_index is not None and by_name != by_index:
+        index = min(i for i in set(by_name) | set(by_index) if by_name.get(i) != by_index.get(i))
+        raise CheckpointError(f"{source}: '{idx_to_name}' and '{name_to_idx}' disagree at index {index} "
+                              f"({by_index.get(index)!r} vs {by_name.get(index)!r}); the label map is damaged or "
+                              "edited by hand, use the one that came with the weights")
+    pairs = by_name if by_name is not None else by_index
     expected = set(range(1, len(pairs) + 1))
     if set(pairs) != expected:
         raise CheckpointError(f"{source}: '{name_to_idx}' indices must be exactly 1..{len(pairs)} (1-based)")
@@ -188,8 +198,46 @@ def read_labelmap(path: str | Path) -> tuple[list[str], list[str]]:
     return classes, attributes
 
 
-def write_labelmap(path: str | Path, class_names: list[str], attribute_names: list[str]) -> Path:
-    """Write names (index 0 included, not stored) as a VinVL label map JSON, atomically."""
+def names_path(weights: str | Path) -> Path:
+    """Where the class and attribute names a detector was trained with are kept: ``<weights>.names.json``."""
+    weights = Path(weights)
+    return weights.with_name(f"{weights.name}.names.json")
+
+
+def read_labelmap_for(weights: str | Path, labelmap: str | Path) -> tuple[list[str], list[str]]:
+    """:func:`read_labelmap`, checked against the names stored with ``weights`` (see :func:`names_path`)
+    when there are any: a permuted or swapped label map would silently relabel every box.
+
+    Raises:
+        CheckpointError: the label map's names differ from the weights'; the message names both files.
+    """
+    classes, attributes = read_labelmap(labelmap)
+    stored = names_path(weights)
+    if not stored.is_file():
+        return classes, attributes
+    try:
+        names = json.loads(stored.read_text())
+        expected = (list(names["class_names"]), list(names["attribute_names"]))
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{stored}: not a names file of detector weights ({err}); restore it or delete it "
+                              "to skip the check") from err
+    for kind, found, wanted in (("class", classes, expected[0]), ("attribute", attributes, expected[1])):
+        if found != wanted:
+            first = next((i for i, (a, b) in enumerate(zip(found, wanted)) if a != b), min(len(found), len(wanted)))
+            shown = f"index {first}: {found[first] if first < len(found) else None!r} here, " \
+                    f"{wanted[first] if first < len(wanted) else None!r} in training"
+            raise CheckpointError(f"{labelmap}: {kind} names differ from those {weights} was trained with "
+                                  f"({shown}; see {stored.name}); give the label map that belongs to these weights")
+    return classes, attributes
+
+
+def write_labelmap(path: str | Path, class_names: list[str], attribute_names: list[str], *,
+                   weights: str | Path | None = None) -> Path:
+    """Write names (index 0 included, not stored) as a VinVL label map JSON, atomically; with ``weights``,
+    also record the names beside them (:func:`names_path`), which :func:`read_labelmap_for` checks."""
+    if weights is not None:
+        atomic_write_json(names_path(weights), {"class_names": list(class_names),
+                                                "attribute_names": list(attribute_names)})
     return atomic_write_json(path, {
         "label_to_idx": {name: i for i, name in enumerate(class_names) if i > 0},
         "idx_to_label": {str(i): name for i, name in enumerate(class_names) if i > 0},

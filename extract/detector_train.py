@@ -229,7 +229,7 @@ def _train(cfg: DetectorConfig, data_dir: str | Path, out_dir: str | Path, progr
     out.mkdir(parents=True, exist_ok=True)
     model.eval()
     write_checkpoint(out / "model.pth", model.state_dict())
-    write_labelmap(out / "labelmap.json", class_names, attribute_names)
+    write_labelmap(out / "labelmap.json", class_names, attribute_names, weights=out / "model.pth")
     save_config(cfg, out / "detector.yaml")
     return {"steps": t.steps, "images_seen": t.steps * t.batch_size, "num_train_images": len(samples),
             "final_losses": {k: round(v.item(), 4) for k, v in losses.items()},

@@ -51,7 +51,7 @@ from typing import Any
 from tqdm import tqdm
 
 from softclip.extract.actor import DetectorActor
-from softclip.extract.checkpoint import CheckpointError, infer_arch, read_labelmap, read_state_dict
+from softclip.extract.checkpoint import CheckpointError, infer_arch, read_labelmap_for, read_state_dict
 from softclip.extract.job_config import DEFAULT_LOADER, ExtractConfig
 from softclip.extract.manifest import MANIFEST_NAME, Manifest
 from softclip.extract.pack import PACKED_DIR, pack_directory
@@ -173,7 +173,7 @@ def check_detector_files(cfg: ExtractConfig) -> None:
     if cfg.loader != DEFAULT_LOADER:
         return
     arch = infer_arch(read_state_dict(cfg.weights), str(cfg.weights))
-    classes, attributes = read_labelmap(cfg.labelmap)
+    classes, attributes = read_labelmap_for(cfg.weights, cfg.labelmap)
     if (len(classes), len(attributes)) != (arch.num_classes, arch.num_attributes):
         raise CheckpointError(
             f"{cfg.labelmap}: {len(classes) - 1} classes / {len(attributes) - 1} attributes, but {cfg.weights} "

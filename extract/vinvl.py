@@ -30,7 +30,7 @@ from softclip.extract.checkpoint import (
     CheckpointError,
     check_state_dict,
     infer_arch,
-    read_labelmap,
+    read_labelmap_for,
     read_state_dict,
 )
 from softclip.extract.detector_config import DetectorConfig, DetectorSettings
@@ -129,7 +129,7 @@ class VinVLDetector(nn.Module):
         arch = replace(arch, pooler_resolution=config.arch.pooler_resolution)  # not visible in the weights
         if config.arch != arch:
             raise CheckpointError(f"{source}: architecture {arch} differs from the given config's {config.arch}")
-        class_names, attribute_names = read_labelmap(labelmap)
+        class_names, attribute_names = read_labelmap_for(weights, labelmap)
         if (len(class_names), len(attribute_names)) != (arch.num_classes, arch.num_attributes):
             raise CheckpointError(
                 f"{labelmap}: {len(class_names) - 1} classes / {len(attribute_names) - 1} attributes, but "
