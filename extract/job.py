@@ -314,6 +314,7 @@ def run_extraction(cfg: ExtractConfig) -> ExtractSummary:
             run = _run_pending(cfg, spec, pending, manifest, start)
         if cfg.pack:
             pack_directory(cfg.out, progress=cfg.progress, manifest=manifest)  # records "packed" in ours
+        remove_stale_temporaries(cfg.out)  # a Ray task killed and retried during this run may have left one
     finally:
         if started_ray:
             import ray

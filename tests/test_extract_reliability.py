@@ -1,5 +1,6 @@
-"""Disk full during extraction (issue 14, row 15): one error naming the file and "disk full", no temporary
-file left, and a rerun redoes the shard."""
+"""Extraction failures (issue 14): a full disk (row 15) is one error naming the file and "disk full", with
+no temporary file left; temporaries that appear while a run packs (a killed, retried packing task; row 17)
+are gone when the run ends."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import errno
 
 import pyarrow.parquet as pq
 import pytest
-from test_extract_job_actor import _rows_batch, tiny_config
+from test_extract_job_actor import _rows_batch, extract_without_ray, tiny_config, write_bad_source
 
 from softclip.extract import writer as writer_module
 from softclip.extract.actor import DetectorActor
@@ -26,8 +27,6 @@ class _FullDiskWriter(pq.ParquetWriter):
 
 @pytest.mark.parametrize("row_group_size", [1, 1000])  # full at a row group / at the commit of the shard
 def test_disk_full_names_the_file_and_leaves_no_temporary(tmp_path, monkeypatch, row_group_size):
-    from test_extract_job_actor import write_bad_source
-
     source = write_bad_source(tmp_path / "source")
     cfg = tiny_config(tmp_path, source)
     rows = list(read_shard_rows({"spec": str(source), "shard": "00003"}, max_pixels=cfg.max_pixels,
@@ -48,3 +47,24 @@ def test_disk_full_names_the_file_and_leaves_no_temporary(tmp_path, monkeypatch,
     monkeypatch.undo()
     assembler = ShardAssembler(cfg.out, Manifest.open(cfg.out, {"dataset": "x"}), row_group_size=row_group_size)
     assert assembler.add(batch)[1] == ["00003"]  # a rerun with space writes the shard
+
+
+def test_packing_temporaries_left_during_a_run_are_gone_when_it_ends(tmp_path, monkeypatch):
+    from softclip.extract import job as job_module
+    from softclip.extract.job import run_extraction
+
+    source = write_bad_source(tmp_path / "source")
+    (source / "00002.tar").unlink()  # the unreadable shard: this test is about packing
+    cfg = tiny_config(tmp_path, source, pack=True)
+    extract_without_ray(cfg, ["00000", "00001", "00003"])  # every readable shard done: nothing pending
+
+    def killed_packing_worker(out_dir, **kwargs):  # Ray retried a killed pack task; its temporary stayed
+        (out_dir / "packed").mkdir(exist_ok=True)
+        (out_dir / "packed" / ".tmp-00003.tar.k1ll3d").write_bytes(b"\0" * 4096)
+        return 0
+
+    monkeypatch.setattr(job_module, "_init_ray", lambda cfg: False)
+    monkeypatch.setattr(job_module, "pack_directory", killed_packing_worker)
+    monkeypatch.setattr(job_module, "_run_pending", lambda *args: pytest.fail("nothing should be pending"))
+    run_extraction(cfg)
+    assert not list(cfg.out.rglob(".tmp-*"))
