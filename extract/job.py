@@ -45,6 +45,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,7 @@ from softclip.extract.checkpoint import CheckpointError, infer_arch, read_labelm
 from softclip.extract.job_config import DEFAULT_LOADER, ExtractConfig
 from softclip.extract.manifest import MANIFEST_NAME, Manifest
 from softclip.extract.pack import PACKED_DIR, pack_directory
+from softclip.extract.ray_local import start_local_ray, stop_local_ray
 from softclip.extract.stages import read_shard_rows
 from softclip.extract.writer import ShardAssembler, remove_stale_temporaries, stale_temporaries
 from softclip.pipeline.config import save_config
@@ -62,8 +64,8 @@ from softclip.pipeline.io import file_sha256
 from softclip.pipeline.registry import resolve_dataset
 from softclip.pipeline.sources import open_source
 
-__all__ = ["ExtractSummary", "OutputDirError", "OutputNotEmptyError", "check_detector_files", "check_out_dir",
-           "fingerprint", "resolve_dataset_spec", "run_extraction", "stage_worker_package"]
+__all__ = ["ExtractSummary", "OutputDirError", "OutputNotEmptyError", "WorkerCrashError", "check_detector_files",
+           "check_out_dir", "fingerprint", "resolve_dataset_spec", "run_extraction", "stage_worker_package"]
 
 _CODE_DIRS = ("extract", "pipeline")  # the subpackages shipped to the workers of a joined cluster
 
@@ -193,7 +195,7 @@ def _init_ray(cfg: ExtractConfig) -> bool:
         with tempfile.TemporaryDirectory(prefix="softclip-ray-") as staging:  # ray.init uploads it here
             ray.init(address=address, runtime_env={"py_modules": [str(stage_worker_package(Path(staging)))]})
     else:
-        ray.init(num_cpus=cfg.num_cpus or None, include_dashboard=False, log_to_driver=False)
+        start_local_ray(num_cpus=cfg.num_cpus or None)  # ends with this process, even a SIGKILLed one
     return True
 
 
@@ -239,15 +241,26 @@ def _dataset(cfg: ExtractConfig, spec: str, shards: list[str], actors: int, gpus
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the driver shows images/s itself
     items = [{"spec": spec, "shard": name} for name in shards]
+    with warnings.catch_warnings():
+        # Ray 2.60 deprecates ray_remote_args but has no named parameter for retries yet; bounded retries
+        # (Ray Data's default retries a dying task or actor forever) matter more than the notice.
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
+        return _pipeline(cfg, items, actors, gpus)
+
+
+def _pipeline(cfg: ExtractConfig, items: list[dict[str, str]], actors: int, gpus: float):
+    import ray
+
     return (ray.data.from_items(items, override_num_blocks=len(items))
             .flat_map(read_shard_rows, fn_kwargs={"max_pixels": cfg.max_pixels,
                                                    "require_caption": cfg.require_caption,
                                                    "max_member_bytes": cfg.max_member_bytes,
-                                                   "max_caption_chars": cfg.max_caption_chars})
+                                                   "max_caption_chars": cfg.max_caption_chars},
+                      max_retries=cfg.ray_retries)  # Ray Data's default retries a dying task forever
             .map_batches(DetectorActor, fn_constructor_kwargs={"cfg": cfg},
                          compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=gpus or None,
                          num_cpus=cfg.cpus_per_actor if not gpus else None, batch_size=cfg.batch_size,
-                         batch_format="numpy"))
+                         batch_format="numpy", max_restarts=cfg.ray_retries, max_task_retries=cfg.ray_retries))
 
 
 def _run_pending(cfg: ExtractConfig, spec: str, pending: list[str], manifest: Manifest,
@@ -270,12 +283,33 @@ def _run_pending(cfg: ExtractConfig, spec: str, pending: list[str], manifest: Ma
                 if done:
                     written += len(done)
                     bar.set_postfix_str(f"shards {written}/{len(pending)}", refresh=False)
-        except BaseException:
+        except BaseException as err:
             assembler.abort()
+            _raise_if_workers_died(err, cfg, [n for n in pending if n not in manifest.shards])
             raise
     assembler.close()
     return {"images_this_run": images, "detector_seconds": detector_seconds, "actor_seconds": actor_seconds,
             "actors": actors, "startup_seconds": first or time.perf_counter() - start}
+
+
+class WorkerCrashError(ValueError):
+    """Ray worker processes kept dying (more than ``ray_retries`` times): an input that crashes the reader or
+    the detector, or a node out of memory. The message names the shards that were not finished."""
+
+
+def _raise_if_workers_died(err: BaseException, cfg: ExtractConfig, unfinished: list[str]) -> None:
+    """Raise :class:`WorkerCrashError` from ``err`` when it is Ray giving up on a dead worker process."""
+    import ray
+
+    died = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError)
+    if not isinstance(err, died) and not isinstance(getattr(err, "cause", None), died):
+        return
+    shown = ", ".join(unfinished[:10]) + (f", ... ({len(unfinished) - 10} more)" if len(unfinished) > 10 else "")
+    raise WorkerCrashError(
+        f"extraction of {cfg.dataset}: a Ray worker process died {cfg.ray_retries + 1} times, so the run stopped; "
+        f"unfinished shards: {shown}. One of them likely holds an input that crashes the reader or the detector "
+        "(or a node ran out of memory): check the workers' logs, move that shard aside and rerun (finished "
+        f"shards are kept). Ray: {' '.join(str(err).split())[:300]}") from err
 
 
 def run_extraction(cfg: ExtractConfig) -> ExtractSummary:
@@ -317,9 +351,7 @@ def run_extraction(cfg: ExtractConfig) -> ExtractSummary:
         remove_stale_temporaries(cfg.out)  # a Ray task killed and retried during this run may have left one
     finally:
         if started_ray:
-            import ray
-
-            ray.shutdown()
+            stop_local_ray()
     seconds = time.perf_counter() - start
     manifest.add_run({"started": time.time() - seconds, "seconds": round(seconds, 3), "shards": len(pending),
                       **{k: round(v, 3) if isinstance(v, float) else v for k, v in run.items()}})

@@ -55,6 +55,7 @@ class ExtractConfig:
     verify: Literal["checksum", "size"] = "checksum"
     ray_address: str = ""  # "" starts a local Ray; "auto" or host:port joins a cluster
     num_cpus: int = 0  # CPUs of a local Ray (0 = all)
+    ray_retries: int = 3  # a reader task or detector actor whose process dies is retried this often, then the run fails
     pack: bool = False
     progress: bool = True
 
@@ -68,6 +69,8 @@ class ExtractConfig:
                              f"{self.max_pixels}, {self.max_member_bytes} and {self.max_caption_chars}")
         if self.actors < 0 or self.num_cpus < 0 or self.torch_threads < 0:
             raise ValueError("actors, num_cpus and torch_threads must be non-negative (0 = automatic)")
+        if self.ray_retries < 0:
+            raise ValueError(f"ray_retries must be 0 or more, got {self.ray_retries}")
         if self.gpus_per_actor <= 0 or self.cpus_per_actor <= 0:
             raise ValueError("gpus_per_actor and cpus_per_actor must be positive")
         if min(self.batch_size, self.row_group_size) < 1:

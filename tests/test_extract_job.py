@@ -112,3 +112,49 @@ def test_a_detector_worker_killed_mid_run_loses_and_duplicates_nothing(tmp_path,
     keys = [k for s in open_source(cfg.dataset).shards
             for k in read_feature_frame(cfg.out / f"{s.name}.parquet")["key"].to_list()]
     assert sorted(keys) == sorted(_source_keys(shapes_world / "train")) and summary.totals["ok"] == 120
+
+
+class _Poisoned:
+    """A VinVL detector whose process dies (SIGKILL) on every batch holding a 13x17 image: an input that
+    crashes a worker every time."""
+
+    def __init__(self, detector: VinVLDetector):
+        self.detector = detector
+        self.detector_id, self.feature_dim = detector.detector_id, detector.feature_dim
+
+    def to(self, device: str) -> _Poisoned:
+        self.detector.to(device)
+        return self
+
+    def detect(self, images):
+        if any(image.size == (13, 17) for image in images):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return self.detector.detect(images)
+
+
+def poisoned_vinvl(weights, labelmap, **overrides) -> _Poisoned:
+    """Loader (``test_extract_job:poisoned_vinvl``) for the crash-every-time test."""
+    return _Poisoned(VinVLDetector.from_checkpoint(weights, labelmap, **overrides))
+
+
+@pytest.mark.slow
+def test_an_input_that_kills_its_worker_every_time_fails_the_run_naming_the_shard(tmp_path, shapes_world):
+    import io
+
+    from PIL import Image
+
+    from softclip.extract.job import WorkerCrashError
+    from softclip.pipeline.img2dataset import ShardWriter
+
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("00000.tar", "00001.tar"):
+        (source / name).write_bytes((shapes_world / "train" / name).read_bytes())
+    buffer = io.BytesIO()
+    Image.new("RGB", (13, 17), (200, 10, 10)).save(buffer, format="PNG")
+    with ShardWriter(source, 2) as shard:
+        shard.write(buffer.getvalue(), caption="a poisoned image", width=13, height=17)
+    cfg = tiny_config(tmp_path, source).replace(loader="test_extract_job:poisoned_vinvl", ray_retries=1)
+    with pytest.raises(WorkerCrashError, match=r"died 2 times.*unfinished shards: .*00002"):
+        run_extraction(cfg)
+    assert "00002" not in Manifest.load(cfg.out).shards and not list(cfg.out.glob(".tmp-*"))
