@@ -201,7 +201,8 @@ def _iter_tar(shard: SourceShard, max_member_bytes: int, max_caption_chars: int)
                 if member.isdir():
                     continue
                 member_key, suffix = _split_member(member.name)
-                if group is not None and member_key != group.key:
+                if group is not None and (member_key != group.key or suffix in group.members):  # a repeat
+                    # of a suffix is a new sample with the same key: reported as a duplicate, not merged
                     yield _finish(group, shard, seen, position, max_caption_chars)
                     group = None
                 group = group or _Group(member_key)

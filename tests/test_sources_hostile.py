@@ -86,6 +86,13 @@ def test_every_key_of_a_shard_appears_once_even_when_repeated(tmp_path):
     assert samples[2].error.startswith("duplicate_key: ") and "'000'" in samples[2].error
 
 
+def test_a_key_repeated_right_after_itself_is_a_second_sample_not_a_merge(tmp_path):
+    path = _shard(tmp_path / "00000.tar", [*_good("000"), *_good("000"), *_good("001")])
+    samples = _samples(path)
+    assert [s.key for s in samples][::2] == ["000", "001"] and len(samples) == 3
+    assert samples[1].error.startswith("duplicate_key: ") and samples[0].error is None
+
+
 def test_a_member_over_the_size_cap_is_an_error_row_and_is_not_read(tmp_path):
     path = _shard(tmp_path / "00000.tar", [*_good("000"), ("001.png", b"\0" * 5000), ("001.txt", b"x"),
                                            *_good("002")])
