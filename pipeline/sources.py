@@ -139,7 +139,7 @@ def _caption(members: dict[str, bytes], meta: dict, max_chars: int) -> tuple[str
 
 
 def _make_sample(key: str, shard: str, members: dict[str, bytes], error: str | None = None, *,
-                 max_caption_chars: int = 2**62) -> Sample:
+                 max_caption_chars: int) -> Sample:
     meta: dict = {}
     if "json" in members:
         try:
@@ -217,7 +217,7 @@ def _iter_tar(shard: SourceShard, max_member_bytes: int, max_caption_chars: int)
                 group.members[suffix] = data
         except (tarfile.TarError, OSError, EOFError) as err:
             if group is not None:
-                yield _finish(group, shard, seen, position, max_caption_chars,
+                yield _finish(group, shard, seen, position + 1, max_caption_chars,  # past the last position used
                               error=f"truncated tar member: {err}")
             return
         if group is not None:
