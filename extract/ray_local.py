@@ -67,9 +67,10 @@ def start_local_ray(*, num_cpus: int | None = None) -> None:
     import ray
 
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
-    if not Path("/proc/self/cmdline").exists():
+    node = getattr(ray._private.worker.global_worker, "node", None)  # Ray's own handle of the node it started
+    if node is None or not Path("/proc/self/cmdline").exists():
         return
-    session = ray._private.worker.global_worker.node.session_name  # e.g. session_2026-12-01_10-22-31_..._30633
+    session = node.session_name  # e.g. session_2026-12-01_10-22-31_098946_30633, in the processes' arguments
     read_end, write_end = os.pipe()  # both not inheritable: Ray's and our other children never hold them
     process = subprocess.Popen([sys.executable, "-c", _WATCHDOG, session], stdin=read_end,
                                start_new_session=True)  # a Ctrl-C to the driver's group leaves it waiting
