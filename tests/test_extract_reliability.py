@@ -68,3 +68,18 @@ def test_packing_temporaries_left_during_a_run_are_gone_when_it_ends(tmp_path, m
     monkeypatch.setattr(job_module, "_run_pending", lambda *args: pytest.fail("nothing should be pending"))
     run_extraction(cfg)
     assert not list(cfg.out.rglob(".tmp-*"))
+
+
+def test_the_cli_reports_a_full_disk_in_one_line(monkeypatch, capsys):
+    from softclip.pipeline import cli
+
+    def app():
+        with writer_module.disk_full_names("/data/features/00001.parquet"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cli, "build_app", lambda: app)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert err.startswith("softclip: error: disk full writing /data/features/00001.parquet (No space left")
