@@ -30,10 +30,13 @@ __all__ = [
     "MissingDatasetError",
     "RetrievalSet",
     "TaskSpec",
+    "WDS_LAYOUT",
+    "WDS_PREFIX",
     "expand_tasks",
     "imagenet_templates",
     "load_classification_set",
     "load_retrieval_set",
+    "is_wds_task",
     "task_directory",
 ]
 
@@ -111,14 +114,29 @@ class MissingDatasetError(FileNotFoundError):
     """A task's folder or annotation file is missing; the message says what layout is expected where."""
 
 
+# CLIP_benchmark's webdataset sets: task ``wds/NAME`` reads DATA_ROOT/wds_NAME ("/" in NAME becomes "-",
+# as its published folders are named: wds/vtab/cifar100 -> wds_vtab-cifar100), or ``paths["wds/NAME"]``.
+WDS_PREFIX = "wds/"
+_WDS_NAME = re.compile(r"^wds/[A-Za-z0-9_.+-]+(/[A-Za-z0-9_.+-]+)*$")
+WDS_LAYOUT = ("CLIP_benchmark's webdataset layout: {split}/*.tar (with {split}/nshards.txt) holding <key>.webp|png|jpg "
+              "plus <key>.cls (classification) or <key>.txt (retrieval, one caption a line), classnames.txt and "
+              "zeroshot_classification_templates.txt for classification, dataset_type.txt reading 'retrieval' "
+              "for retrieval")
+
+
+def is_wds_task(task: str) -> bool:
+    """Whether ``task`` names a CLIP_benchmark webdataset set (``wds/cifar10``, ``wds/vtab/cifar100``)."""
+    return bool(_WDS_NAME.match(task))
+
+
 def expand_tasks(names: Sequence[str]) -> tuple[str, ...]:
     """Expand group names (``shapes``) into tasks, keeping order and dropping repeats."""
     out: list[str] = []
     for name in names:
         members = TASK_GROUPS.get(name, (name,))
         for member in members:
-            if member not in TASKS:
-                known = ", ".join([*TASK_GROUPS, *TASKS])
+            if member not in TASKS and not is_wds_task(member):
+                known = ", ".join([*TASK_GROUPS, *TASKS, "wds/NAME"])
                 raise ValueError(f"unknown evaluation task '{member}' (known: {known})")
             if member not in out:
                 out.append(member)
@@ -131,6 +149,14 @@ def task_directory(task: str, data_root: Path, overrides: dict[str, Path] | None
     Raises:
         MissingDatasetError: the folder or its annotation file does not exist.
     """
+    if is_wds_task(task):
+        relative = "wds_" + task[len(WDS_PREFIX):].replace("/", "-")
+        directory = Path(overrides[task]) if overrides and task in overrides else Path(data_root) / relative
+        if not directory.is_dir():
+            raise MissingDatasetError(
+                f"task '{task}': {directory} does not exist. Expected (DATA_ROOT/{relative}) "
+                f"{WDS_LAYOUT.format(split='test')}. Pass --data-root or set paths.{task} in the eval config.")
+        return directory
     spec = TASKS[task]
     directory = Path(overrides[task]) if overrides and task in overrides else Path(data_root) / spec.relative_dir
     missing = directory if not directory.is_dir() else None
