@@ -54,6 +54,9 @@ class TaskSpec:
         relative_dir: the task folder relative to ``DATA_ROOT``.
         annotation: the JSON file inside the folder (``""`` for ImageNet's folder-per-class layout).
         image_folder: for retrieval, the image folder used when a Karpathy entry has no ``filepath``.
+        coco_captions: for retrieval, an alternative annotation in the COCO captions format (``images[].id,
+            .file_name``, ``annotations[].image_id, .caption``; ``{split}`` is the split), read when
+            ``annotation`` is absent: CLIP_benchmark's ``coco_test_karpathy.json`` beside ``val2014/``.
         layout: a human-readable description of the expected files, shown when they are missing.
     """
 
@@ -62,6 +65,7 @@ class TaskSpec:
     relative_dir: str
     annotation: str
     image_folder: str = ""
+    coco_captions: str = ""
     layout: str
 
 
@@ -76,10 +80,11 @@ TASKS: dict[str, TaskSpec] = {
         ),
         TaskSpec(
             name="coco", kind="retrieval", relative_dir="coco", annotation="dataset_coco.json",
-            image_folder="val2014",
+            image_folder="val2014", coco_captions="coco_{split}_karpathy.json",
             layout=_KARPATHY.format(annotation="dataset_coco.json")
             + " beside the image folders named by each entry's filepath (val2014/, train2014/); "
-            "split == 'test' is the 5k test set",
+            "split == 'test' is the 5k test set; or CLIP_benchmark's coco_test_karpathy.json (COCO captions "
+            "format) beside val2014/",
         ),
         TaskSpec(
             name="flickr30k", kind="retrieval", relative_dir="flickr30k", annotation="dataset_flickr30k.json",
@@ -160,7 +165,8 @@ def task_directory(task: str, data_root: Path, overrides: dict[str, Path] | None
     spec = TASKS[task]
     directory = Path(overrides[task]) if overrides and task in overrides else Path(data_root) / spec.relative_dir
     missing = directory if not directory.is_dir() else None
-    if missing is None and spec.annotation and not (directory / spec.annotation).is_file():
+    if missing is None and spec.annotation and not (directory / spec.annotation).is_file() and not (
+            spec.coco_captions and list(directory.glob(spec.coco_captions.format(split="*")))):
         missing = directory / spec.annotation
     if missing is not None:
         raise MissingDatasetError(
@@ -259,6 +265,8 @@ def load_retrieval_set(task: str, directory: Path, *, split: str = "test") -> Re
     if spec.kind != "retrieval":
         raise ValueError(f"task '{task}' is a {spec.kind} task, not retrieval")
     path = directory / spec.annotation
+    if spec.coco_captions and not path.is_file():
+        return _load_coco_captions(task, directory, directory / spec.coco_captions.format(split=split))
     data = _read_json(path)
     files, captions, owners = [], [], []
     try:
@@ -273,6 +281,32 @@ def load_retrieval_set(task: str, directory: Path, *, split: str = "test") -> Re
         raise ValueError(f"{path}: missing or malformed field {err}; expected {spec.layout}") from err
     if not files:
         raise ValueError(f"{path}: no image with split == '{split}' and at least one caption")
+    return RetrievalSet(task, files, captions, owners)
+
+
+def _load_coco_captions(task: str, directory: Path, path: Path) -> RetrievalSet:
+    """A COCO-captions-format annotation, in CLIP_benchmark's order (torchvision ``CocoCaptions``: images
+    by increasing id, each image's captions in file order); ``file_name`` is under ``image_folder``."""
+    if not path.is_file():
+        raise MissingDatasetError(f"task '{task}': {path} does not exist; expected {TASKS[task].layout}")
+    data = _read_json(path)
+    by_image: dict[int, list[str]] = {}
+    try:
+        names = {int(image["id"]): str(image["file_name"]) for image in data["images"]}
+        for annotation in data["annotations"]:
+            by_image.setdefault(int(annotation["image_id"]), []).append(str(annotation["caption"]).strip())
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{path}: missing or malformed field {err}; expected the COCO captions format "
+                         "(images[].id, .file_name; annotations[].image_id, .caption)") from err
+    files, captions, owners = [], [], []
+    for image_id in sorted(names):
+        if not by_image.get(image_id):
+            continue
+        files.append(directory / TASKS[task].image_folder / names[image_id])
+        captions += by_image[image_id]
+        owners += [len(files) - 1] * len(by_image[image_id])
+    if not files:
+        raise ValueError(f"{path}: no image with a caption")
     return RetrievalSet(task, files, captions, owners)
 
 

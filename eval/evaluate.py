@@ -172,6 +172,7 @@ def _task_data_key(task: str, directory: Path, data: ClassificationSet | Retriev
     (annotation SHA-256; count, sizes and mtimes of the listed images), the split, device and precision."""
     spec = TASKS.get(task)
     annotation = Path(directory) / spec.annotation if spec and spec.annotation else None
+    annotation = annotation if annotation and annotation.is_file() else None  # else an alternative layout
     texts = hashlib.sha256(json.dumps(
         [data.classnames, data.templates, data.labels] if isinstance(data, ClassificationSet)
         else [data.captions, data.caption_to_image]).encode())

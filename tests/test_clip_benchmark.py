@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from softclip.eval.clip_benchmark import load_wds_set
-from softclip.eval.datasets import ClassificationSet, RetrievalSet
+from softclip.eval.datasets import ClassificationSet, RetrievalSet, load_retrieval_set, task_directory
 from softclip.eval.evaluate import EvalConfig, run_eval
 from softclip.eval.retrieval import retrieval_metrics
 from softclip.eval.zeroshot import classification_metrics
@@ -194,3 +194,18 @@ def test_softclip_eval_equals_clip_benchmark_on_the_same_model_and_set(checkpoin
     assert {row["dataset"] for row in rows} == {"wds/colours", "wds/pairs"}
     assert float(next(r for r in rows if r["dataset"] == "wds/pairs")["text_retrieval_recall@1"]) == \
         records["wds/pairs"]["metrics"]["text_retrieval_recall@1"]
+
+
+def test_coco_reads_clip_benchmarks_karpathy_annotation_in_its_order(tmp_path):
+    coco = tmp_path / "coco"
+    (coco / "val2014").mkdir(parents=True)
+    annotation = {"images": [{"id": 42, "file_name": "COCO_val2014_000000000042.jpg"},
+                             {"id": 7, "file_name": "COCO_val2014_000000000007.jpg"}],
+                  "annotations": [{"image_id": 42, "caption": "a dog "}, {"image_id": 7, "caption": "a cat"},
+                                  {"image_id": 42, "caption": "a brown dog"}]}
+    (coco / "coco_test_karpathy.json").write_text(json.dumps(annotation))
+    assert task_directory("coco", tmp_path) == coco  # no dataset_coco.json needed
+    data = load_retrieval_set("coco", coco)
+    assert [p.name for p in data.files] == ["COCO_val2014_000000000007.jpg", "COCO_val2014_000000000042.jpg"]
+    assert data.files[0].parent == coco / "val2014"
+    assert data.captions == ["a cat", "a dog", "a brown dog"] and data.caption_to_image == [0, 1, 1]
