@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from softclip.eval.checkpoint import LoadedModel, load_open_clip_checkpoint
+from softclip.eval.checkpoint import LoadedModel, load_open_clip_checkpoint, read_checkpoint_metadata
 from softclip.eval.clip_benchmark import load_wds_set, write_clip_benchmark_results
 from softclip.eval.datasets import (
     TASKS,
@@ -36,8 +36,8 @@ from softclip.eval.datasets import (
 )
 from softclip.eval.embed import encode_images, encode_texts, pick_device, zero_shot_classifier
 from softclip.eval.report import write_report
-from softclip.eval.retrieval import retrieval_metrics
-from softclip.eval.zeroshot import TIE_POLICIES, classification_metrics
+from softclip.eval.retrieval import chance_recall, retrieval_metrics
+from softclip.eval.zeroshot import TIE_POLICIES, chance_accuracy, classification_metrics
 from softclip.pipeline.config import save_config, to_dict
 from softclip.pipeline.io import atomic_write_json, file_sha256
 
@@ -66,6 +66,8 @@ class EvalConfig:
         split: the Karpathy split evaluated for retrieval tasks.
         ties: ``clip_benchmark`` (its numbers, ties broken by index as ``torch.topk`` does) or ``strict``
             (a tie counts against the query); see :mod:`eval.zeroshot` and :mod:`eval.retrieval`.
+        tensorboard: also write the metrics into the TensorBoard of each checkpoint's run folder
+            (``RUN/tensorboard``, ``eval/<task>/<metric>`` at the checkpoint's step) when it lies in one.
         reuse: keep a task's metrics from an earlier run into the same ``out`` when the checkpoint file
             (path, size, mtime), the task's files (annotation bytes; each image's size and mtime), the
             device, the precision and these settings are unchanged.
@@ -84,6 +86,7 @@ class EvalConfig:
     amp: bool = True
     split: str = "test"
     ties: str = "clip_benchmark"
+    tensorboard: bool = True
     reuse: bool = True
 
     def __post_init__(self) -> None:
@@ -239,6 +242,32 @@ def _task_notes(datasets: dict[str, ClassificationSet | RetrievalSet]) -> dict[s
     return notes
 
 
+def _chance(datasets: dict[str, ClassificationSet | RetrievalSet]) -> dict[str, dict[str, float | None]]:
+    return {task: chance_accuracy(len(data.classnames)) if isinstance(data, ClassificationSet)
+            else chance_recall(data.caption_to_image) for task, data in datasets.items()}
+
+
+def _log_to_tensorboard(info: list[dict[str, Any]], results: dict[str, Any]) -> list[str]:
+    """Write each checkpoint's metrics into its run's TensorBoard (``RUN/tensorboard``, tag ``eval/<task>/
+    <metric>``, at the checkpoint's step) when it lies in a run folder (``RUN/checkpoints/*.pt`` beside
+    ``RUN/config.yaml``); returns the run folders written to."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    written = []
+    for entry in info:
+        run = Path(entry["path"]).resolve().parent.parent
+        if Path(entry["path"]).resolve().parent.name != "checkpoints" or not (run / "config.yaml").is_file():
+            continue
+        step = entry.get("step") or 0
+        with SummaryWriter(str(run / "tensorboard")) as writer:
+            for task, metrics in results[entry["label"]].items():
+                for metric, value in metrics.items():
+                    if value is not None:
+                        writer.add_scalar(f"eval/{task}/{metric}", value, step)
+        written.append(str(run))
+    return written
+
+
 def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     """Evaluate every checkpoint on every task, write the reports into ``cfg.out``, return the payload.
 
@@ -258,7 +287,8 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         start = time.perf_counter()
         results[label], model_name = _evaluate_with_cache(cfg, label, path, device, datasets, data_keys)
         seconds[label] = round(time.perf_counter() - start, 2)
-        info.append({"label": label, "path": str(path), "model_name": model_name})
+        info.append({"label": label, "path": str(path), "model_name": model_name,
+                     "step": read_checkpoint_metadata(path).get("step")})
         log.info("evaluated %s (%s) in %.1f s", label, path, seconds[label])
     payload = {
         "labels": labels,
@@ -266,6 +296,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         "units": f"fractions in [0, 1]; ties: {cfg.ties} (see eval.zeroshot, eval.retrieval)",
         "checkpoints": info,
         "task_notes": _task_notes(datasets),
+        "chance": _chance(datasets),
         "results": results,
         "seconds": seconds,
         "device": str(device),
@@ -274,4 +305,6 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     save_config(cfg, Path(cfg.out) / "eval.yaml")
     payload["files"] = {kind: str(p) for kind, p in write_report(cfg.out, payload).items()}
     payload["files"]["clip_benchmark"] = [str(p) for p in write_clip_benchmark_results(cfg.out, payload)]
+    if cfg.tensorboard:
+        payload["files"]["tensorboard_runs"] = _log_to_tensorboard(info, results)
     return payload

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from softclip.eval.zeroshot import TIE_POLICIES, TiePolicy, normalize_once
 
-__all__ = ["DEFAULT_RECALL_KS", "clip_benchmark_retrieval_metrics", "image_to_text_ranks", "recall_at_k",
+__all__ = ["DEFAULT_RECALL_KS", "chance_recall", "clip_benchmark_retrieval_metrics", "image_to_text_ranks", "recall_at_k",
            "retrieval_metrics", "text_to_image_ranks"]
 
 DEFAULT_RECALL_KS = (1, 5, 10)
@@ -181,3 +181,22 @@ def retrieval_metrics(
     i2t = recall_at_k(image_to_text_ranks(image_embeddings, text_embeddings, text_to_image, chunk_size=chunk_size), ks)
     t2i = recall_at_k(text_to_image_ranks(image_embeddings, text_embeddings, text_to_image, chunk_size=chunk_size), ks)
     return {**{f"image_to_text_R@{k}": v for k, v in i2t.items()}, **{f"text_to_image_R@{k}": v for k, v in t2i.items()}}
+
+
+def chance_recall(caption_to_image: Sequence[int], ks: Sequence[int] = DEFAULT_RECALL_KS) -> dict[str, float]:
+    """Expected recall@k of a random ranking, keys as :func:`retrieval_metrics`.
+
+    Text-to-image: ``min(k, I) / I``. Image-to-text, for an image with ``m`` of the ``T`` captions: the
+    chance that a random top k holds one of them, ``1 - prod_{i<k} (T - m - i) / (T - i)``, averaged over
+    images (hypergeometric).
+    """
+    counts = torch.bincount(torch.as_tensor(list(caption_to_image), dtype=torch.long)).double()
+    num_images, num_texts = len(counts), float(counts.sum())
+    out = {}
+    for k in ks:
+        miss = torch.ones_like(counts)
+        for i in range(min(k, int(num_texts))):
+            miss = miss * ((num_texts - counts - i) / (num_texts - i)).clamp(min=0.0)
+        out[f"image_to_text_R@{k}"] = float((1 - miss).mean())
+    out.update({f"text_to_image_R@{k}": min(k, num_images) / num_images for k in ks})
+    return out

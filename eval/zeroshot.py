@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "TIE_POLICIES",
+    "chance_accuracy",
     "clip_benchmark_classification_metrics",
     "classification_metrics",
     "classifier_from_template_embeddings",
@@ -195,3 +196,12 @@ def classification_metrics(
         "top5": top_k_accuracy(logits, labels, 5) if num_classes >= 5 else None,
         "mean_per_class_recall": mean_per_class_recall(logits, labels),
     }
+
+
+def chance_accuracy(num_classes: int) -> dict[str, float | None]:
+    """Expected metrics of a uniformly random classifier over ``num_classes`` classes: top-k ``k / C``,
+    mean per-class recall ``1 / C`` (keys as :func:`classification_metrics`)."""
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be positive, got {num_classes}")
+    return {"top1": 1 / num_classes, "top5": 5 / num_classes if num_classes >= 5 else None,
+            "mean_per_class_recall": 1 / num_classes}

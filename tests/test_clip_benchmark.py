@@ -139,21 +139,6 @@ def test_retrieval_equals_clip_benchmark_functions_with_ties(seed):
     assert strict["text_to_image_R@1"] <= ours["text_to_image_R@1"] + 1e-6  # float32 mean vs exact fraction
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    import open_clip
-
-    from softclip.train.model import register_model_configs
-
-    register_model_configs()
-    torch.manual_seed(0)
-    model = open_clip.create_model("shapes-tiny")
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    torch.save({"state_dict": model.state_dict(), "model_name": "shapes-tiny",
-                "model_config": open_clip.get_model_config("shapes-tiny")}, path)
-    return path
-
-
 def _clip_benchmark_run(checkpoint: Path, root: Path, task: str) -> dict:
     """CLIP_benchmark's own pipeline (its wds reader, dataloader and metrics) on the same model."""
     from clip_benchmark.datasets.builder import build_wds_dataset, image_captions_collate_fn
@@ -173,7 +158,8 @@ def _clip_benchmark_run(checkpoint: Path, root: Path, task: str) -> dict:
                            amp=False)
 
 
-def test_softclip_eval_equals_clip_benchmark_on_the_same_model_and_set(checkpoint, tmp_path, monkeypatch):
+def test_softclip_eval_equals_clip_benchmark_on_the_same_model_and_set(tiny_checkpoint, tmp_path, monkeypatch):
+    checkpoint = tiny_checkpoint
     make_classification_set(tmp_path / "wds_colours")
     make_retrieval_set(tmp_path / "wds_pairs")
     cfg = EvalConfig(checkpoints=(checkpoint,), tasks=("wds/colours", "wds/pairs"), out=tmp_path / "report",
