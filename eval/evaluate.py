@@ -258,7 +258,7 @@ def _log_to_tensorboard(info: list[dict[str, Any]], results: dict[str, Any]) -> 
         run = Path(entry["path"]).resolve().parent.parent
         if Path(entry["path"]).resolve().parent.name != "checkpoints" or not (run / "config.yaml").is_file():
             continue
-        step = entry.get("step") or 0
+        step = read_checkpoint_metadata(entry["path"]).get("step", 0)
         with SummaryWriter(str(run / "tensorboard")) as writer:
             for task, metrics in results[entry["label"]].items():
                 for metric, value in metrics.items():
@@ -287,8 +287,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         start = time.perf_counter()
         results[label], model_name = _evaluate_with_cache(cfg, label, path, device, datasets, data_keys)
         seconds[label] = round(time.perf_counter() - start, 2)
-        info.append({"label": label, "path": str(path), "model_name": model_name,
-                     "step": read_checkpoint_metadata(path).get("step")})
+        info.append({"label": label, "path": str(path), "model_name": model_name})
         log.info("evaluated %s (%s) in %.1f s", label, path, seconds[label])
     payload = {
         "labels": labels,
