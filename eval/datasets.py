@@ -38,6 +38,7 @@ __all__ = [
     "load_retrieval_set",
     "is_wds_task",
     "task_directory",
+    "task_relative_dir",
 ]
 
 _IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
@@ -134,6 +135,11 @@ def is_wds_task(task: str) -> bool:
     return bool(_WDS_NAME.match(task))
 
 
+def task_relative_dir(task: str) -> str:
+    """Where ``task`` lives under DATA_ROOT (``imagenet/val``, ``wds_vtab-cifar100``, ...)."""
+    return "wds_" + task[len(WDS_PREFIX):].replace("/", "-") if is_wds_task(task) else TASKS[task].relative_dir
+
+
 def expand_tasks(names: Sequence[str]) -> tuple[str, ...]:
     """Expand group names (``shapes``) into tasks, keeping order and dropping repeats."""
     out: list[str] = []
@@ -155,7 +161,7 @@ def task_directory(task: str, data_root: Path, overrides: dict[str, Path] | None
         MissingDatasetError: the folder or its annotation file does not exist.
     """
     if is_wds_task(task):
-        relative = "wds_" + task[len(WDS_PREFIX):].replace("/", "-")
+        relative = task_relative_dir(task)
         directory = Path(overrides[task]) if overrides and task in overrides else Path(data_root) / relative
         if not directory.is_dir():
             raise MissingDatasetError(
