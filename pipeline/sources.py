@@ -1,10 +1,14 @@
-"""Image-text sources: img2dataset-style WebDataset tars, or an image folder with a captions file.
+"""Image-text sources: img2dataset output (its ``webdataset``, ``parquet`` and ``files`` formats, keys of
+any width), WebDataset tars, or an image folder with a captions file.
 
 A source is a list of shards; each shard yields :class:`Sample` objects that carry their shard name, so
 stages can work, write and resume shard by shard. Reading never decodes images (that is the stage's job,
 through :func:`pipeline.images.decode_image`) and never stops at a bad sample: a truncated member comes
 back as a sample with ``error`` set, and the samples before it are yielded as usual. Only a shard that
 cannot be opened at all raises :class:`SourceError`.
+
+img2dataset keeps its failed samples out of the data files and records them in its side files
+(``NNNNN.parquet`` status column, ``NNNNN_stats.json``); :func:`img2dataset_stats` reads those counts.
 
 Example::
 
@@ -24,10 +28,11 @@ from pathlib import Path
 
 import braceexpand
 import polars as pl
+import pyarrow.parquet as pq
 
 from softclip.pipeline.shards import shard_name
 
-__all__ = ["IMAGE_EXTENSIONS", "Sample", "Source", "SourceError", "SourceShard", "open_source"]
+__all__ = ["IMAGE_EXTENSIONS", "Sample", "Source", "SourceError", "SourceShard", "img2dataset_stats", "open_source"]
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
 CAPTION_FILES = ("captions.parquet", "captions.jsonl", "captions.csv")
@@ -53,7 +58,8 @@ class Sample:
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class SourceShard:
-    """A unit of work: a tar file, or a slice of rows of a captions file."""
+    """A unit of work: a tar file, an img2dataset parquet file or ``files`` folder, or a slice of rows of a
+    captions file."""
 
     name: str
     path: Path
@@ -65,7 +71,7 @@ class Source:
     """An image-text dataset split into shards."""
 
     spec: str
-    kind: str  # "webdataset" or "folder"
+    kind: str  # "webdataset", "parquet" or "files" (img2dataset's output formats), or "folder"
     shards: tuple[SourceShard, ...]
     _captions: pl.DataFrame | None = None
     _image_root: Path | None = None
@@ -74,6 +80,10 @@ class Source:
         """Yield the samples of ``shard`` in storage order."""
         if self.kind == "webdataset":
             yield from _iter_tar(shard)
+        elif self.kind == "parquet":
+            yield from _iter_parquet(shard)
+        elif self.kind == "files":
+            yield from _iter_files(shard)
         else:
             yield from _iter_folder_rows(shard, self._captions, self._image_root)
 
@@ -137,6 +147,85 @@ def _end_of_archive_missing(tar: tarfile.TarFile) -> int | None:
     tar.fileobj.seek(tar.offset)
     block = tar.fileobj.read(tarfile.BLOCKSIZE)
     return None if len(block) == tarfile.BLOCKSIZE and not block.strip(b"\0") else tar.offset
+
+
+def _parquet_image_column(path: Path) -> str | None:
+    """The image column of an img2dataset ``parquet``-format file (``jpg``, ``png``, ``webp``), if any."""
+    try:
+        names = pq.read_schema(path).names
+    except (OSError, ValueError) as err:  # pyarrow raises ArrowInvalid (a ValueError) for a non-parquet file
+        raise SourceError(f"{path}: cannot read the parquet schema ({err})") from err
+    return next((ext for ext in IMAGE_EXTENSIONS if ext in names), None)
+
+
+def _iter_parquet(shard: SourceShard) -> Iterator[Sample]:
+    """Rows of an img2dataset ``parquet``-format shard; failed rows (status other than ``success``, no
+    image) are skipped here and counted from the side files by :func:`img2dataset_stats`."""
+    column = _parquet_image_column(shard.path)
+    try:
+        batches = pq.ParquetFile(shard.path).iter_batches(batch_size=256)
+        for batch in batches:
+            for row in batch.to_pylist():
+                if row.get("status", "success") != "success":
+                    continue
+                image = row.pop(column, None)
+                caption = row.pop("txt", None)
+                caption = caption if caption is not None else row.get("caption")
+                yield Sample(key=str(row.get("key")), shard=shard.name, image=image, caption=caption, meta=row,
+                             error=None if image is not None else f"row {row.get('key')} has no {column} bytes")
+    except OSError as err:
+        raise SourceError(f"{shard.path}: cannot read parquet shard ({err})") from err
+
+
+def _iter_files(shard: SourceShard) -> Iterator[Sample]:
+    """Samples of an img2dataset ``files``-format shard folder (``<key>.jpg/.txt/.json``), in key order."""
+    grouped: dict[str, dict[str, Path]] = {}
+    for path in sorted(shard.path.iterdir()):
+        if path.is_file():
+            key, suffix = _split_member(path.name)
+            grouped.setdefault(key, {})[suffix] = path
+    for key, files in grouped.items():
+        try:
+            members, error = {suffix: path.read_bytes() for suffix, path in files.items()}, None
+        except OSError as err:
+            members, error = {}, f"cannot read a file of sample {key} in {shard.path}: {err.strerror or err}"
+        yield _make_sample(key, shard.name, members, error=error)
+
+
+def _img2dataset_source(spec: str, path: Path) -> Source | None:
+    """A directory in img2dataset's ``files`` (shard folders) or ``parquet`` (image column) format, else None."""
+    folders = sorted(p for p in path.iterdir() if p.is_dir() and p.name.isdigit())
+    if folders:
+        return Source(spec=spec, kind="files", shards=tuple(SourceShard(name=p.name, path=p) for p in folders))
+    parquets = sorted(p for p in path.glob("*.parquet") if p.stem.isdigit())
+    if parquets and _parquet_image_column(parquets[0]) is not None:
+        return Source(spec=spec, kind="parquet",
+                      shards=tuple(SourceShard(name=p.stem, path=p) for p in parquets))
+    return None
+
+
+def img2dataset_stats(source: Source) -> dict[str, dict]:
+    """img2dataset's per-shard record (``NNNNN_stats.json`` beside the shards), by shard name, for every
+    stats file there, including shards whose every sample failed (they have no data to read).
+
+    Each value holds ``count``, ``successes``, ``failed_to_download``, ``failed_to_resize`` and
+    ``status_dict`` (reason -> count) as img2dataset writes them. Empty for sources without side files.
+    """
+    whole_folder = Path(source.spec).is_dir()  # else a pattern or one file: only its own shards count
+    names = {shard.name for shard in source.shards}
+    stats = {}
+    for folder in sorted({shard.path.parent for shard in source.shards} | ({Path(source.spec)} if whole_folder else set())):
+        for path in sorted(folder.glob("*_stats.json")):
+            if not whole_folder and path.name.removesuffix("_stats.json") not in names:
+                continue
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise SourceError(f"{path}: unreadable img2dataset stats ({err})") from err
+            if not isinstance(data, dict) or not isinstance(data.get("count"), int):
+                raise SourceError(f"{path}: not an img2dataset stats file (no integer 'count')")
+            stats[path.name.removesuffix("_stats.json")] = data
+    return stats
 
 
 def _iter_folder_rows(shard: SourceShard, captions: pl.DataFrame, image_root: Path) -> Iterator[Sample]:
@@ -210,8 +299,13 @@ def open_source(spec: str | Path, *, samples_per_shard: int = 10_000) -> Source:
             for name in CAPTION_FILES:
                 if (path / name).is_file():
                     return _folder_source(spec, path / name, path, samples_per_shard)
-            raise SourceError(f"{spec}: no *.tar shards and no {' / '.join(CAPTION_FILES)} in this directory; "
-                              "expected an img2dataset output folder or an image folder with a captions file")
+            found = _img2dataset_source(spec, path)
+            if found is not None:
+                return found
+            raise SourceError(f"{spec}: no *.tar shards, no NNNNN.parquet with an image column, no NNNNN/ shard "
+                              f"folders and no {' / '.join(CAPTION_FILES)} in this directory; expected an "
+                              "img2dataset output folder (webdataset, parquet or files format) or an image folder "
+                              "with a captions file")
     elif path.is_file() and path.suffix == ".tar":
         tars = [path]
     elif path.is_file() and path.suffix in (".csv", ".jsonl", ".parquet"):
