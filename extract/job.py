@@ -315,7 +315,7 @@ def run_extraction(cfg: ExtractConfig) -> ExtractSummary:
         if pending:
             known = all(name in stats for name in pending)
             run = _run_pending(cfg, spec, pending, manifest, start,
-                               total=sum(stats[n].get("successes", 0) for n in pending) if known else None)
+                               sum(stats[n].get("successes", 0) for n in pending) if known else None)
         if cfg.pack:
             pack_directory(cfg.out, progress=cfg.progress, manifest=manifest)  # records "packed" in ours
     finally:
