@@ -82,9 +82,10 @@ def eval_command(
 
 
 def _headline_metrics(payload: dict) -> list[tuple[str, str]]:
-    """One headline metric per task for the summary line: top-1, or image->text R@1."""
+    """One headline metric per task for the summary line: top-1, image->text R@1, or (Medium) mAP."""
     first = payload["results"][payload["labels"][0]]
-    return [(t, "top1" if "top1" in first[t] else "image_to_text_R@1") for t in payload["tasks"]]
+    return [(t, next(m for m in ("top1", "image_to_text_R@1", "mAP_medium", "mAP") if m in first[t]))
+            for t in payload["tasks"]]
 
 
 def register(app: typer.Typer) -> None:

@@ -188,6 +188,8 @@ def write_clip_benchmark_results(out_dir: str | Path, payload: dict[str, Any]) -
     written = []
     for info in payload["checkpoints"]:
         for task, metrics in payload["results"][info["label"]].items():
+            if not any(k.startswith(("top1", "image_to_text_R@")) for k in metrics):
+                continue  # image-to-image retrieval (mAP): no CLIP_benchmark task to report it under
             kind, renamed = clip_benchmark_metrics(metrics)
             dataset = _dataset_name(task)
             record = {"dataset": dataset, "model": info["model_name"], "pretrained": info["path"], "task": kind,

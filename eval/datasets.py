@@ -51,7 +51,8 @@ class TaskSpec:
 
     Attributes:
         name: the task name used on the command line and in reports.
-        kind: ``"classification"`` or ``"retrieval"``.
+        kind: ``"classification"``, ``"retrieval"`` (image-text) or ``"image_retrieval"`` (image-image,
+            read by :mod:`eval.image_retrieval`).
         relative_dir: the task folder relative to ``DATA_ROOT``.
         annotation: the JSON file inside the folder (``""`` for ImageNet's folder-per-class layout).
         image_folder: for retrieval, the image folder used when a Karpathy entry has no ``filepath``.
@@ -62,7 +63,7 @@ class TaskSpec:
     """
 
     name: str
-    kind: Literal["classification", "retrieval"]
+    kind: Literal["classification", "retrieval", "image_retrieval"]
     relative_dir: str
     annotation: str
     image_folder: str = ""
@@ -113,6 +114,18 @@ TASKS: dict[str, TaskSpec] = {
         ),
     )
 }
+for _name in ("roxford5k", "rparis6k"):
+    TASKS[_name] = TaskSpec(
+        name=_name, kind="image_retrieval", relative_dir=f"revisitop/{_name}", annotation=f"gnd_{_name}.pkl",
+        image_folder="jpg",
+        layout=f"the revisited benchmark's files: gnd_{_name}.pkl (revisitop's ground truth) beside jpg/ holding "
+        "every image of its imlist and qimlist as <name>.jpg",
+    )
+TASKS["copydays"] = TaskSpec(
+    name="copydays", kind="image_retrieval", relative_dir="copydays", annotation="",
+    layout="INRIA Copydays: original/*.jpg (the database), strong/*.jpg (the queries; the first four digits of "
+    "a file name name its block), optionally distractors/*.jpg (added to the database, no block)",
+)
 TASK_GROUPS: dict[str, tuple[str, ...]] = {"shapes": ("shapes-shape", "shapes-colour_shape", "shapes-retrieval")}
 
 

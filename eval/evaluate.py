@@ -35,6 +35,12 @@ from softclip.eval.datasets import (
     task_directory,
 )
 from softclip.eval.embed import encode_images, encode_texts, pick_device, zero_shot_classifier
+from softclip.eval.image_retrieval import (
+    CroppedImageFiles,
+    ImageRetrievalSet,
+    image_retrieval_metrics,
+    load_image_retrieval_set,
+)
 from softclip.eval.report import write_report
 from softclip.eval.retrieval import chance_recall, retrieval_metrics
 from softclip.eval.zeroshot import TIE_POLICIES, chance_accuracy, classification_metrics
@@ -142,6 +148,16 @@ def _evaluate_retrieval(loaded: LoadedModel, data: RetrievalSet, cfg: EvalConfig
                              ties=cfg.ties)
 
 
+def _evaluate_image_retrieval(loaded: LoadedModel, data: ImageRetrievalSet, cfg: EvalConfig,
+                              device: torch.device) -> dict[str, float]:
+    database = encode_images(loaded.model, ImageFiles(data.files, loaded.preprocess), batch_size=cfg.batch_size,
+                             num_workers=cfg.num_workers, device=device, amp=cfg.amp, desc=f"{data.name} database")
+    queries = encode_images(loaded.model, CroppedImageFiles(data.query_files, data.boxes, loaded.preprocess),
+                            batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=device, amp=cfg.amp,
+                            desc=f"{data.name} queries")
+    return image_retrieval_metrics(data, queries, database)
+
+
 def evaluate_model(loaded: LoadedModel, datasets: dict[str, ClassificationSet | RetrievalSet],
                    cfg: EvalConfig, device: torch.device) -> dict[str, dict[str, float | None]]:
     """Metrics of one model on every loaded task: task -> metric -> fraction in [0, 1]."""
@@ -149,6 +165,8 @@ def evaluate_model(loaded: LoadedModel, datasets: dict[str, ClassificationSet | 
     for task, data in datasets.items():
         if isinstance(data, ClassificationSet):
             results[task] = _evaluate_classification(loaded, data, cfg, device)
+        elif isinstance(data, ImageRetrievalSet):
+            results[task] = _evaluate_image_retrieval(loaded, data, cfg, device)
         else:
             results[task] = _evaluate_retrieval(loaded, data, cfg, device)
     return results
@@ -166,6 +184,8 @@ def _load_task(task: str, directory: Path, split: str) -> ClassificationSet | Re
         return load_wds_set(task, directory, split=split)
     if TASKS[task].kind == "classification":
         return load_classification_set(task, directory)
+    if TASKS[task].kind == "image_retrieval":
+        return load_image_retrieval_set(task, directory)
     return load_retrieval_set(task, directory, split=split)
 
 
@@ -178,9 +198,10 @@ def _task_data_key(task: str, directory: Path, data: ClassificationSet | Retriev
     annotation = annotation if annotation and annotation.is_file() else None  # else an alternative layout
     texts = hashlib.sha256(json.dumps(
         [data.classnames, data.templates, data.labels] if isinstance(data, ClassificationSet)
+        else [list(map(str, data.query_files)), data.boxes] if isinstance(data, ImageRetrievalSet)
         else [data.captions, data.caption_to_image]).encode())
     images = hashlib.sha256()
-    for path in data.files:
+    for path in [*data.files, *getattr(data, "query_files", [])]:
         try:
             stat = path.stat()
         except FileNotFoundError as err:
@@ -237,6 +258,8 @@ def _task_notes(datasets: dict[str, ClassificationSet | RetrievalSet]) -> dict[s
         if isinstance(data, ClassificationSet):
             notes[task] = (f"{len(data.files)} images, {len(data.classnames)} classes, "
                            f"{len(data.templates)} templates")
+        elif isinstance(data, ImageRetrievalSet):
+            notes[task] = f"{len(data.query_files)} queries, {len(data.files)} database images"
         else:
             notes[task] = f"{len(data.files)} images, {len(data.captions)} captions"
     return notes
@@ -244,7 +267,8 @@ def _task_notes(datasets: dict[str, ClassificationSet | RetrievalSet]) -> dict[s
 
 def _chance(datasets: dict[str, ClassificationSet | RetrievalSet]) -> dict[str, dict[str, float | None]]:
     return {task: chance_accuracy(len(data.classnames)) if isinstance(data, ClassificationSet)
-            else chance_recall(data.caption_to_image) for task, data in datasets.items()}
+            else chance_recall(data.caption_to_image) for task, data in datasets.items()
+            if not isinstance(data, ImageRetrievalSet)}  # a random ranking's mAP depends on every query
 
 
 def _log_to_tensorboard(info: list[dict[str, Any]], results: dict[str, Any]) -> list[str]:

@@ -25,17 +25,22 @@ images belong to no block. mAP by Eq. 1, no junk.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import pickle
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import Dataset
 
-__all__ = ["RestrictedUnpickler", "UnsafePickleError", "average_precision", "copydays_map",
-           "load_ground_truth", "mean_average_precision", "rank_database", "revisited_map"]
+from softclip.eval.datasets import TASKS, ImageFiles, MissingDatasetError
+
+__all__ = ["CroppedImageFiles", "ImageRetrievalSet", "RestrictedUnpickler", "UnsafePickleError", "average_precision",
+           "copydays_map", "image_retrieval_metrics", "load_ground_truth", "load_image_retrieval_set",
+           "mean_average_precision", "rank_database", "revisited_map"]
 
 # The globals a pickle of plain containers and NumPy arrays needs (NumPy 1.x and 2.x module names).
 _ALLOWED_GLOBALS = frozenset({
@@ -146,3 +151,72 @@ def copydays_map(ranks: np.ndarray, query_names: Sequence[str], database_names: 
     blocks = [Path(name).name[:4] for name in database_names[: len(database_names) - distractors]]
     positives = [[i for i, block in enumerate(blocks) if block == Path(q).name[:4]] for q in query_names]
     return {"mAP": mean_average_precision(ranks, positives)}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ImageRetrievalSet:
+    """Database and query images of an image-retrieval task, with what scores them.
+
+    ``gnd`` is revisitop's per-query ground truth (revisited tasks; queries are cropped to ``boxes``);
+    Copydays has no ``gnd``: its positives come from the file names and ``distractors`` counts the last
+    database images, which belong to no block.
+    """
+
+    name: str
+    files: list[Path]
+    query_files: list[Path]
+    boxes: list[tuple[float, float, float, float] | None]
+    gnd: list[dict[str, Any]] | None = None
+    distractors: int = 0
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.glob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+
+
+def load_image_retrieval_set(task: str, directory: Path) -> ImageRetrievalSet:
+    """Read ``roxford5k`` / ``rparis6k`` (revisitop layout) or ``copydays`` (see :data:`eval.datasets.TASKS`)."""
+    spec = TASKS[task]
+    if task == "copydays":
+        database, queries = _images_in(directory / "original"), _images_in(directory / "strong")
+        distractors = _images_in(directory / "distractors")
+        if not database or not queries:
+            raise MissingDatasetError(f"task 'copydays': no images in {directory}/original or {directory}/strong; "
+                                      f"expected {spec.layout}")
+        return ImageRetrievalSet(task, database + distractors, queries, [None] * len(queries),
+                                 distractors=len(distractors))
+    data = load_ground_truth(directory / spec.annotation)
+    images = directory / spec.image_folder
+    boxes = [tuple(float(v) for v in g["bbx"]) if g.get("bbx") is not None else None for g in data["gnd"]]
+    return ImageRetrievalSet(task, [images / f"{name}.jpg" for name in data["imlist"]],
+                             [images / f"{name}.jpg" for name in data["qimlist"]], boxes, gnd=list(data["gnd"]))
+
+
+def _unchanged(image: Any) -> Any:
+    return image
+
+
+class CroppedImageFiles(Dataset):
+    """Like :class:`eval.datasets.ImageFiles`, each image first cropped to its box (revisitop's query crops)."""
+
+    def __init__(self, files: Sequence[Path], boxes: Sequence[tuple[float, float, float, float] | None],
+                 transform: Callable[[object], torch.Tensor]):
+        self.images = ImageFiles(files, _unchanged)
+        self.boxes = list(boxes)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        image, box = self.images[index], self.boxes[index]
+        return self.transform(image.crop(box) if box is not None else image)
+
+
+def image_retrieval_metrics(data: ImageRetrievalSet, query_embeddings: torch.Tensor,
+                            database_embeddings: torch.Tensor) -> dict[str, float]:
+    """mAP of the task: Easy/Medium/Hard for the revisited sets, one mAP for Copydays."""
+    ranks = rank_database(query_embeddings, database_embeddings)
+    if data.gnd is not None:
+        return revisited_map(ranks, data.gnd)
+    return copydays_map(ranks, [p.name for p in data.query_files], [p.name for p in data.files], data.distractors)

@@ -105,3 +105,38 @@ def test_ground_truth_layout_is_checked(tmp_path):
         load_ground_truth(path)
     with pytest.raises(FileNotFoundError):
         load_ground_truth(tmp_path / "missing.pkl")
+
+
+def _write_images(folder, names, seed):
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for name in names:
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(folder / name)
+
+
+def test_eval_runs_the_revisited_and_copydays_tasks_from_the_users_files(tiny_checkpoint, tmp_path):
+    from softclip.eval.evaluate import EvalConfig, run_eval
+
+    root = tmp_path / "data"
+    for name in ("roxford5k", "rparis6k"):
+        folder = root / "revisitop" / name
+        truth = _generated_ground_truth(1, num_db=12, num_q=3)
+        truth["gnd"] = [{**g, "easy": [i % 12], "hard": [(i + 5) % 12], "junk": [(i + 7) % 12]}
+                        for i, g in enumerate(truth["gnd"])]
+        _write_images(folder / "jpg", [f"{n}.jpg" for n in truth["imlist"] + truth["qimlist"]], seed=2)
+        (folder / f"gnd_{name}.pkl").write_bytes(pickle.dumps(truth))
+    _write_images(root / "copydays" / "original", ["200000.jpg", "200100.jpg"], seed=3)
+    _write_images(root / "copydays" / "strong", ["200001.jpg", "200101.jpg"], seed=4)
+    _write_images(root / "copydays" / "distractors", ["d0.jpg"], seed=5)
+    cfg = EvalConfig(checkpoints=(tiny_checkpoint,), tasks=("roxford5k", "rparis6k", "copydays"),
+                     out=tmp_path / "report", data_root=root, num_workers=0, device="cpu")
+    payload = run_eval(cfg)
+    results = payload["results"][payload["labels"][0]]
+    assert set(results["roxford5k"]) == {"mAP_easy", "mAP_medium", "mAP_hard"}
+    assert all(0.0 < v <= 1.0 for v in results["rparis6k"].values())
+    assert 0.0 < results["copydays"]["mAP"] <= 1.0
+    assert payload["task_notes"]["copydays"] == "2 queries, 3 database images"
+    assert payload["files"]["clip_benchmark"] == []  # CLIP_benchmark has no image-to-image task
+    assert "mAP_medium" in (tmp_path / "report" / "results.md").read_text()
