@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import typer
 
-from softclip.pipeline.io import atomic_path, atomic_write_text
+from softclip.pipeline.io import atomic_write_bytes, atomic_write_text
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "export_open_clip", "register"]
 
@@ -57,13 +57,12 @@ def export_open_clip(checkpoint: str | Path, out: str | Path) -> Path:
         ValueError: not a softclip training checkpoint (no ``state_dict`` or ``model_config``).
     """
     from open_clip.transform import PreprocessCfg
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     state, model_config = _read_towers(Path(checkpoint))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / WEIGHTS_NAME) as tmp:
-        save_file(state, str(tmp), metadata={"format": "pt", "source": Path(checkpoint).name})
+    atomic_write_bytes(out / WEIGHTS_NAME, save(state, metadata={"format": "pt", "source": Path(checkpoint).name}))
     # The transform softclip trains and evaluates with: open_clip's defaults at the model's image size.
     preprocess = {k: v for k, v in dataclasses.asdict(PreprocessCfg()).items() if k != "size"}
     config = {"model_cfg": model_config, "preprocess_cfg": preprocess}
