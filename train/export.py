@@ -62,7 +62,8 @@ def export_open_clip(checkpoint: str | Path, out: str | Path) -> Path:
     state, model_config = _read_towers(Path(checkpoint))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out / WEIGHTS_NAME, save(state, metadata={"format": "pt", "source": Path(checkpoint).name}))
+    # one metadata key: safetensors writes a metadata map in no fixed order, and reruns must give equal bytes
+    atomic_write_bytes(out / WEIGHTS_NAME, save(state, metadata={"format": "pt"}))
     # The transform softclip trains and evaluates with: open_clip's defaults at the model's image size.
     preprocess = {k: v for k, v in dataclasses.asdict(PreprocessCfg()).items() if k != "size"}
     config = {"model_cfg": model_config, "preprocess_cfg": preprocess}
