@@ -1,1 +1,2 @@
-__all__ = ["checkpoint", "cli", "datasets", "embed", "evaluate", "report", "retrieval", "zeroshot"]
+__all__ = ["checkpoint", "cli", "clip_benchmark", "datasets", "embed", "evaluate", "image_retrieval", "report", "retrieval",
+           "zeroshot"]

@@ -35,7 +35,7 @@ class LoadedModel:
 
 
 def read_checkpoint_metadata(path: str | Path) -> dict[str, Any]:
-    """The checkpoint's ``model_name`` and ``model_config`` (either may be absent), read memory-mapped."""
+    """The checkpoint's ``model_name``, ``model_config`` and ``step`` (any may be absent), read memory-mapped."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist; pass the path of a saved .pt file")
@@ -46,7 +46,7 @@ def read_checkpoint_metadata(path: str | Path) -> dict[str, Any]:
                          f"{err}") from err
     if not isinstance(checkpoint, dict):
         raise ValueError(f"{path}: expected a dict (a state dict or {{'state_dict': ...}}), got {type(checkpoint)}")
-    return {key: checkpoint[key] for key in ("model_name", "model_config") if key in checkpoint}
+    return {key: checkpoint[key] for key in ("model_name", "model_config", "step") if key in checkpoint}
 
 
 def register_model_config(model_name: str, model_config: dict[str, Any]) -> None:

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import typer
 
-from softclip.eval.datasets import TASKS
 from softclip.eval.evaluate import EvalConfig, run_eval
 from softclip.pipeline.config import ConfigError, apply_overrides, from_dict, read_yaml
 
@@ -57,10 +56,10 @@ def eval_command(
         [], "--checkpoint", "-c",
         help="Checkpoint file, repeatable; LABEL=PATH names its row (default: the run directory name).",
     ),
-    tasks: str | None = typer.Option(None, help="Comma-separated: shapes, imagenet, coco, flickr30k, shapes-shape, ..."),
+    tasks: str | None = typer.Option(None, help="Comma-separated: shapes, imagenet, coco, flickr30k, shapes-shape, ..., wds/NAME (CLIP_benchmark set)."),
     out: Path | None = typer.Option(None, help="Report folder (results.json, results.md, results.png, eval.yaml)."),
     data_root: Path | None = typer.Option(
-        None, envvar="DATA_ROOT", help="Datasets root: imagenet/val, coco, flickr30k, shapes/eval."
+        None, envvar="DATA_ROOT", help="Datasets root: imagenet/val, coco, flickr30k, shapes/eval, wds_NAME."
     ),
     batch_size: int | None = typer.Option(None, help="Images or texts per forward pass."),
     model: str | None = typer.Option(None, help="open_clip architecture for checkpoints that name none."),
@@ -75,16 +74,18 @@ def eval_command(
     headline = "; ".join(
         f"{task} {metric} " + " vs ".join(f"{100 * payload['results'][label][task][metric]:.1f}"
                                           for label in payload["labels"])
-        for task, metric in _headline_metrics(payload["tasks"])
+        for task, metric in _headline_metrics(payload)
     )
     typer.echo(f"eval: {len(payload['labels'])} checkpoint(s) ({', '.join(payload['labels'])}) x "
                f"{len(payload['tasks'])} task(s) on {payload['device']} in {time.perf_counter() - start:.1f}s; "
                f"{headline} -> {payload['files']['markdown']}, {payload['files']['chart']}")
 
 
-def _headline_metrics(tasks: list[str]) -> list[tuple[str, str]]:
-    """One headline metric per task for the summary line: top-1, or image->text R@1."""
-    return [(t, "image_to_text_R@1" if TASKS[t].kind == "retrieval" else "top1") for t in tasks]
+def _headline_metrics(payload: dict) -> list[tuple[str, str]]:
+    """One headline metric per task for the summary line: top-1, image->text R@1, or (Medium) mAP."""
+    first = payload["results"][payload["labels"][0]]
+    return [(t, next(m for m in ("top1", "image_to_text_R@1", "mAP_medium", "mAP") if m in first[t]))
+            for t in payload["tasks"]]
 
 
 def register(app: typer.Typer) -> None:

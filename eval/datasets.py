@@ -30,11 +30,15 @@ __all__ = [
     "MissingDatasetError",
     "RetrievalSet",
     "TaskSpec",
+    "WDS_LAYOUT",
+    "WDS_PREFIX",
     "expand_tasks",
     "imagenet_templates",
     "load_classification_set",
     "load_retrieval_set",
+    "is_wds_task",
     "task_directory",
+    "task_relative_dir",
 ]
 
 _IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
@@ -47,18 +51,23 @@ class TaskSpec:
 
     Attributes:
         name: the task name used on the command line and in reports.
-        kind: ``"classification"`` or ``"retrieval"``.
+        kind: ``"classification"``, ``"retrieval"`` (image-text) or ``"image_retrieval"`` (image-image,
+            read by :mod:`eval.image_retrieval`).
         relative_dir: the task folder relative to ``DATA_ROOT``.
         annotation: the JSON file inside the folder (``""`` for ImageNet's folder-per-class layout).
         image_folder: for retrieval, the image folder used when a Karpathy entry has no ``filepath``.
+        coco_captions: for retrieval, an alternative annotation in the COCO captions format (``images[].id,
+            .file_name``, ``annotations[].image_id, .caption``; ``{split}`` is the split), read when
+            ``annotation`` is absent: CLIP_benchmark's ``coco_test_karpathy.json`` beside ``val2014/``.
         layout: a human-readable description of the expected files, shown when they are missing.
     """
 
     name: str
-    kind: Literal["classification", "retrieval"]
+    kind: Literal["classification", "retrieval", "image_retrieval"]
     relative_dir: str
     annotation: str
     image_folder: str = ""
+    coco_captions: str = ""
     layout: str
 
 
@@ -73,10 +82,11 @@ TASKS: dict[str, TaskSpec] = {
         ),
         TaskSpec(
             name="coco", kind="retrieval", relative_dir="coco", annotation="dataset_coco.json",
-            image_folder="val2014",
+            image_folder="val2014", coco_captions="coco_{split}_karpathy.json",
             layout=_KARPATHY.format(annotation="dataset_coco.json")
             + " beside the image folders named by each entry's filepath (val2014/, train2014/); "
-            "split == 'test' is the 5k test set",
+            "split == 'test' is the 5k test set; or CLIP_benchmark's coco_test_karpathy.json (COCO captions "
+            "format) beside val2014/",
         ),
         TaskSpec(
             name="flickr30k", kind="retrieval", relative_dir="flickr30k", annotation="dataset_flickr30k.json",
@@ -104,11 +114,43 @@ TASKS: dict[str, TaskSpec] = {
         ),
     )
 }
+for _name in ("roxford5k", "rparis6k"):
+    TASKS[_name] = TaskSpec(
+        name=_name, kind="image_retrieval", relative_dir=f"revisitop/{_name}", annotation=f"gnd_{_name}.pkl",
+        image_folder="jpg",
+        layout=f"the revisited benchmark's files: gnd_{_name}.pkl (revisitop's ground truth) beside jpg/ holding "
+        "every image of its imlist and qimlist as <name>.jpg",
+    )
+TASKS["copydays"] = TaskSpec(
+    name="copydays", kind="image_retrieval", relative_dir="copydays", annotation="",
+    layout="INRIA Copydays: original/*.jpg (the database), strong/*.jpg (the queries; the first four digits of "
+    "a file name name its block), optionally distractors/*.jpg (added to the database, no block)",
+)
 TASK_GROUPS: dict[str, tuple[str, ...]] = {"shapes": ("shapes-shape", "shapes-colour_shape", "shapes-retrieval")}
 
 
 class MissingDatasetError(FileNotFoundError):
     """A task's folder or annotation file is missing; the message says what layout is expected where."""
+
+
+# CLIP_benchmark's webdataset sets: task ``wds/NAME`` reads DATA_ROOT/wds_NAME ("/" in NAME becomes "-",
+# as its published folders are named: wds/vtab/cifar100 -> wds_vtab-cifar100), or ``paths["wds/NAME"]``.
+WDS_PREFIX = "wds/"
+_WDS_NAME = re.compile(r"^wds/[A-Za-z0-9_.+-]+(/[A-Za-z0-9_.+-]+)*$")
+WDS_LAYOUT = ("CLIP_benchmark's webdataset layout: {split}/*.tar (with {split}/nshards.txt) holding <key>.webp|png|jpg "
+              "plus <key>.cls (classification) or <key>.txt (retrieval, one caption a line), classnames.txt and "
+              "zeroshot_classification_templates.txt for classification, dataset_type.txt reading 'retrieval' "
+              "for retrieval")
+
+
+def is_wds_task(task: str) -> bool:
+    """Whether ``task`` names a CLIP_benchmark webdataset set (``wds/cifar10``, ``wds/vtab/cifar100``)."""
+    return bool(_WDS_NAME.match(task))
+
+
+def task_relative_dir(task: str) -> str:
+    """Where ``task`` lives under DATA_ROOT (``imagenet/val``, ``wds_vtab-cifar100``, ...)."""
+    return "wds_" + task[len(WDS_PREFIX):].replace("/", "-") if is_wds_task(task) else TASKS[task].relative_dir
 
 
 def expand_tasks(names: Sequence[str]) -> tuple[str, ...]:
@@ -117,8 +159,8 @@ def expand_tasks(names: Sequence[str]) -> tuple[str, ...]:
     for name in names:
         members = TASK_GROUPS.get(name, (name,))
         for member in members:
-            if member not in TASKS:
-                known = ", ".join([*TASK_GROUPS, *TASKS])
+            if member not in TASKS and not is_wds_task(member):
+                known = ", ".join([*TASK_GROUPS, *TASKS, "wds/NAME"])
                 raise ValueError(f"unknown evaluation task '{member}' (known: {known})")
             if member not in out:
                 out.append(member)
@@ -131,10 +173,19 @@ def task_directory(task: str, data_root: Path, overrides: dict[str, Path] | None
     Raises:
         MissingDatasetError: the folder or its annotation file does not exist.
     """
+    if is_wds_task(task):
+        relative = task_relative_dir(task)
+        directory = Path(overrides[task]) if overrides and task in overrides else Path(data_root) / relative
+        if not directory.is_dir():
+            raise MissingDatasetError(
+                f"task '{task}': {directory} does not exist. Expected (DATA_ROOT/{relative}) "
+                f"{WDS_LAYOUT.format(split='test')}. Pass --data-root or set paths.{task} in the eval config.")
+        return directory
     spec = TASKS[task]
     directory = Path(overrides[task]) if overrides and task in overrides else Path(data_root) / spec.relative_dir
     missing = directory if not directory.is_dir() else None
-    if missing is None and spec.annotation and not (directory / spec.annotation).is_file():
+    if missing is None and spec.annotation and not (directory / spec.annotation).is_file() and not (
+            spec.coco_captions and list(directory.glob(spec.coco_captions.format(split="*")))):
         missing = directory / spec.annotation
     if missing is not None:
         raise MissingDatasetError(
@@ -233,6 +284,8 @@ def load_retrieval_set(task: str, directory: Path, *, split: str = "test") -> Re
     if spec.kind != "retrieval":
         raise ValueError(f"task '{task}' is a {spec.kind} task, not retrieval")
     path = directory / spec.annotation
+    if spec.coco_captions and not path.is_file():
+        return _load_coco_captions(task, directory, directory / spec.coco_captions.format(split=split))
     data = _read_json(path)
     files, captions, owners = [], [], []
     try:
@@ -247,6 +300,32 @@ def load_retrieval_set(task: str, directory: Path, *, split: str = "test") -> Re
         raise ValueError(f"{path}: missing or malformed field {err}; expected {spec.layout}") from err
     if not files:
         raise ValueError(f"{path}: no image with split == '{split}' and at least one caption")
+    return RetrievalSet(task, files, captions, owners)
+
+
+def _load_coco_captions(task: str, directory: Path, path: Path) -> RetrievalSet:
+    """A COCO-captions-format annotation, in CLIP_benchmark's order (torchvision ``CocoCaptions``: images
+    by increasing id, each image's captions in file order); ``file_name`` is under ``image_folder``."""
+    if not path.is_file():
+        raise MissingDatasetError(f"task '{task}': {path} does not exist; expected {TASKS[task].layout}")
+    data = _read_json(path)
+    by_image: dict[int, list[str]] = {}
+    try:
+        names = {int(image["id"]): str(image["file_name"]) for image in data["images"]}
+        for annotation in data["annotations"]:
+            by_image.setdefault(int(annotation["image_id"]), []).append(str(annotation["caption"]).strip())
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{path}: missing or malformed field {err}; expected the COCO captions format "
+                         "(images[].id, .file_name; annotations[].image_id, .caption)") from err
+    files, captions, owners = [], [], []
+    for image_id in sorted(names):
+        if not by_image.get(image_id):
+            continue
+        files.append(directory / TASKS[task].image_folder / names[image_id])
+        captions += by_image[image_id]
+        owners += [len(files) - 1] * len(by_image[image_id])
+    if not files:
+        raise ValueError(f"{path}: no image with a caption")
     return RetrievalSet(task, files, captions, owners)
 
 

@@ -3,7 +3,8 @@
 :func:`run_eval` checks every task folder first (so a missing dataset fails before any model loads),
 then for each checkpoint embeds each task's images and texts (:mod:`eval.embed`), computes the metrics
 (:mod:`eval.zeroshot`, :mod:`eval.retrieval`) and writes ``results.json``, ``results.md``,
-``results.png`` and the resolved ``eval.yaml`` into ``cfg.out``.
+``results.png``, the resolved ``eval.yaml`` and CLIP_benchmark-schema JSON (``clip_benchmark/*.json``,
+see :mod:`eval.clip_benchmark`) into ``cfg.out``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from typing import Any
 
 import torch
 
-from softclip.eval.checkpoint import LoadedModel, load_open_clip_checkpoint
+from softclip.eval.checkpoint import LoadedModel, load_open_clip_checkpoint, read_checkpoint_metadata
+from softclip.eval.clip_benchmark import load_wds_set, write_clip_benchmark_results
 from softclip.eval.datasets import (
     TASKS,
     ClassificationSet,
@@ -27,14 +29,21 @@ from softclip.eval.datasets import (
     MissingDatasetError,
     RetrievalSet,
     expand_tasks,
+    is_wds_task,
     load_classification_set,
     load_retrieval_set,
     task_directory,
 )
 from softclip.eval.embed import encode_images, encode_texts, pick_device, zero_shot_classifier
+from softclip.eval.image_retrieval import (
+    CroppedImageFiles,
+    ImageRetrievalSet,
+    image_retrieval_metrics,
+    load_image_retrieval_set,
+)
 from softclip.eval.report import write_report
-from softclip.eval.retrieval import retrieval_metrics
-from softclip.eval.zeroshot import classification_metrics
+from softclip.eval.retrieval import chance_recall, retrieval_metrics
+from softclip.eval.zeroshot import TIE_POLICIES, chance_accuracy, classification_metrics
 from softclip.pipeline.config import save_config, to_dict
 from softclip.pipeline.io import atomic_write_json, file_sha256
 
@@ -50,7 +59,8 @@ class EvalConfig:
     Attributes:
         checkpoints: checkpoint files, evaluated in this order (the report shows second minus first).
         labels: one label per checkpoint; empty = each checkpoint's run directory name.
-        tasks: task or group names (``shapes``, ``imagenet``, ``coco``, ``flickr30k``, ``shapes-shape``, ...).
+        tasks: task or group names (``shapes``, ``imagenet``, ``coco``, ``flickr30k``, ``shapes-shape``, ...),
+            or ``wds/NAME`` for a CLIP_benchmark webdataset set in ``DATA_ROOT/wds_NAME``.
         out: the report folder.
         data_root: datasets are found under it, at the layouts of :data:`eval.datasets.TASKS`.
         paths: per-task folder overrides (task -> folder), taking precedence over ``data_root``.
@@ -60,6 +70,10 @@ class EvalConfig:
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda[:N]``.
         amp: bf16 autocast on CUDA (no effect on CPU).
         split: the Karpathy split evaluated for retrieval tasks.
+        ties: ``clip_benchmark`` (its numbers, ties broken by index as ``torch.topk`` does) or ``strict``
+            (a tie counts against the query); see :mod:`eval.zeroshot` and :mod:`eval.retrieval`.
+        tensorboard: also write the metrics into the TensorBoard of each checkpoint's run folder
+            (``RUN/tensorboard``, ``eval/<task>/<metric>`` at the checkpoint's step) when it lies in one.
         reuse: keep a task's metrics from an earlier run into the same ``out`` when the checkpoint file
             (path, size, mtime), the task's files (annotation bytes; each image's size and mtime), the
             device, the precision and these settings are unchanged.
@@ -77,6 +91,8 @@ class EvalConfig:
     device: str = "auto"
     amp: bool = True
     split: str = "test"
+    ties: str = "clip_benchmark"
+    tensorboard: bool = True
     reuse: bool = True
 
     def __post_init__(self) -> None:
@@ -89,7 +105,9 @@ class EvalConfig:
         if self.batch_size < 1 or self.num_workers < 0:
             raise ValueError("batch_size must be >= 1 and num_workers >= 0")
         expand_tasks(self.tasks)  # raises ValueError naming an unknown task
-        unknown = [task for task in self.paths if task not in TASKS]
+        if self.ties not in TIE_POLICIES:
+            raise ValueError(f"ties must be one of {', '.join(TIE_POLICIES)}, got {self.ties!r}")
+        unknown = [task for task in self.paths if task not in TASKS and not is_wds_task(task)]
         if unknown:
             raise ValueError(f"paths: unknown task '{unknown[0]}' (known: {', '.join(TASKS)})")
 
@@ -117,7 +135,7 @@ def _evaluate_classification(loaded: LoadedModel, data: ClassificationSet, cfg: 
                                       batch_size=cfg.batch_size, device=device, amp=cfg.amp)
     images = encode_images(loaded.model, ImageFiles(data.files, loaded.preprocess), batch_size=cfg.batch_size,
                            num_workers=cfg.num_workers, device=device, amp=cfg.amp, desc=f"{data.name} images")
-    return classification_metrics(images, classifier, torch.tensor(data.labels))
+    return classification_metrics(images, classifier, torch.tensor(data.labels), ties=cfg.ties)
 
 
 def _evaluate_retrieval(loaded: LoadedModel, data: RetrievalSet, cfg: EvalConfig,
@@ -126,7 +144,18 @@ def _evaluate_retrieval(loaded: LoadedModel, data: RetrievalSet, cfg: EvalConfig
                            num_workers=cfg.num_workers, device=device, amp=cfg.amp, desc=f"{data.name} images")
     texts = encode_texts(loaded.model, loaded.tokenizer, data.captions, batch_size=cfg.batch_size,
                          device=device, amp=cfg.amp, desc=f"{data.name} captions")
-    return retrieval_metrics(images.to(device), texts.to(device), torch.tensor(data.caption_to_image))
+    return retrieval_metrics(images.to(device), texts.to(device), torch.tensor(data.caption_to_image),
+                             ties=cfg.ties)
+
+
+def _evaluate_image_retrieval(loaded: LoadedModel, data: ImageRetrievalSet, cfg: EvalConfig,
+                              device: torch.device) -> dict[str, float]:
+    database = encode_images(loaded.model, ImageFiles(data.files, loaded.preprocess), batch_size=cfg.batch_size,
+                             num_workers=cfg.num_workers, device=device, amp=cfg.amp, desc=f"{data.name} database")
+    queries = encode_images(loaded.model, CroppedImageFiles(data.query_files, data.boxes, loaded.preprocess),
+                            batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=device, amp=cfg.amp,
+                            desc=f"{data.name} queries")
+    return image_retrieval_metrics(data, queries, database)
 
 
 def evaluate_model(loaded: LoadedModel, datasets: dict[str, ClassificationSet | RetrievalSet],
@@ -136,6 +165,8 @@ def evaluate_model(loaded: LoadedModel, datasets: dict[str, ClassificationSet | 
     for task, data in datasets.items():
         if isinstance(data, ClassificationSet):
             results[task] = _evaluate_classification(loaded, data, cfg, device)
+        elif isinstance(data, ImageRetrievalSet):
+            results[task] = _evaluate_image_retrieval(loaded, data, cfg, device)
         else:
             results[task] = _evaluate_retrieval(loaded, data, cfg, device)
     return results
@@ -144,21 +175,33 @@ def evaluate_model(loaded: LoadedModel, datasets: dict[str, ClassificationSet | 
 def _load_datasets(cfg: EvalConfig) -> tuple[dict[str, ClassificationSet | RetrievalSet], dict[str, Path]]:
     tasks = expand_tasks(cfg.tasks)
     directories = {task: task_directory(task, cfg.data_root, cfg.paths) for task in tasks}  # fail fast
-    datasets = {
-        task: load_classification_set(task, directory) if TASKS[task].kind == "classification"
-        else load_retrieval_set(task, directory, split=cfg.split)
-        for task, directory in directories.items()
-    }
+    datasets = {task: _load_task(task, directory, cfg.split) for task, directory in directories.items()}
     return datasets, directories
+
+
+def _load_task(task: str, directory: Path, split: str) -> ClassificationSet | RetrievalSet:
+    if is_wds_task(task):
+        return load_wds_set(task, directory, split=split)
+    if TASKS[task].kind == "classification":
+        return load_classification_set(task, directory)
+    if TASKS[task].kind == "image_retrieval":
+        return load_image_retrieval_set(task, directory)
+    return load_retrieval_set(task, directory, split=split)
 
 
 def _task_data_key(task: str, directory: Path, data: ClassificationSet | RetrievalSet, cfg: EvalConfig,
                    device: torch.device) -> dict[str, Any]:
     """The checkpoint-independent part of a task's cache key: the folder, a fingerprint of its files
     (annotation SHA-256; count, sizes and mtimes of the listed images), the split, device and precision."""
-    annotation = Path(directory) / TASKS[task].annotation if TASKS[task].annotation else None
+    spec = TASKS.get(task)
+    annotation = Path(directory) / spec.annotation if spec and spec.annotation else None
+    annotation = annotation if annotation and annotation.is_file() else None  # else an alternative layout
+    texts = hashlib.sha256(json.dumps(
+        [data.classnames, data.templates, data.labels] if isinstance(data, ClassificationSet)
+        else [list(map(str, data.query_files)), data.boxes] if isinstance(data, ImageRetrievalSet)
+        else [data.captions, data.caption_to_image]).encode())
     images = hashlib.sha256()
-    for path in data.files:
+    for path in [*data.files, *getattr(data, "query_files", [])]:
         try:
             stat = path.stat()
         except FileNotFoundError as err:
@@ -166,7 +209,8 @@ def _task_data_key(task: str, directory: Path, data: ClassificationSet | Retriev
         images.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     precision = "bf16-autocast" if cfg.amp and device.type == "cuda" else "fp32"
     return {"task_dir": str(Path(directory).resolve()), "split": cfg.split, "device": str(device),
-            "precision": precision, "annotation_sha256": file_sha256(annotation) if annotation else None,
+            "precision": precision, "ties": cfg.ties,
+            "annotation_sha256": file_sha256(annotation) if annotation else None, "texts_sha256": texts.hexdigest(),
             "num_images": len(data.files), "images_sha256": images.hexdigest()}
 
 
@@ -214,9 +258,38 @@ def _task_notes(datasets: dict[str, ClassificationSet | RetrievalSet]) -> dict[s
         if isinstance(data, ClassificationSet):
             notes[task] = (f"{len(data.files)} images, {len(data.classnames)} classes, "
                            f"{len(data.templates)} templates")
+        elif isinstance(data, ImageRetrievalSet):
+            notes[task] = f"{len(data.query_files)} queries, {len(data.files)} database images"
         else:
             notes[task] = f"{len(data.files)} images, {len(data.captions)} captions"
     return notes
+
+
+def _chance(datasets: dict[str, ClassificationSet | RetrievalSet]) -> dict[str, dict[str, float | None]]:
+    return {task: chance_accuracy(len(data.classnames)) if isinstance(data, ClassificationSet)
+            else chance_recall(data.caption_to_image) for task, data in datasets.items()
+            if not isinstance(data, ImageRetrievalSet)}  # a random ranking's mAP depends on every query
+
+
+def _log_to_tensorboard(info: list[dict[str, Any]], results: dict[str, Any]) -> list[str]:
+    """Write each checkpoint's metrics into its run's TensorBoard (``RUN/tensorboard``, tag ``eval/<task>/
+    <metric>``, at the checkpoint's step) when it lies in a run folder (``RUN/checkpoints/*.pt`` beside
+    ``RUN/config.yaml``); returns the run folders written to."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    written = []
+    for entry in info:
+        run = Path(entry["path"]).resolve().parent.parent
+        if Path(entry["path"]).resolve().parent.name != "checkpoints" or not (run / "config.yaml").is_file():
+            continue
+        step = read_checkpoint_metadata(entry["path"]).get("step", 0)
+        with SummaryWriter(str(run / "tensorboard")) as writer:
+            for task, metrics in results[entry["label"]].items():
+                for metric, value in metrics.items():
+                    if value is not None:
+                        writer.add_scalar(f"eval/{task}/{metric}", value, step)
+        written.append(str(run))
+    return written
 
 
 def run_eval(cfg: EvalConfig) -> dict[str, Any]:
@@ -243,9 +316,10 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     payload = {
         "labels": labels,
         "tasks": list(datasets),
-        "units": "fractions in [0, 1]; ties count against the query (see eval.zeroshot, eval.retrieval)",
+        "units": f"fractions in [0, 1]; ties: {cfg.ties} (see eval.zeroshot, eval.retrieval)",
         "checkpoints": info,
         "task_notes": _task_notes(datasets),
+        "chance": _chance(datasets),
         "results": results,
         "seconds": seconds,
         "device": str(device),
@@ -253,4 +327,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     }
     save_config(cfg, Path(cfg.out) / "eval.yaml")
     payload["files"] = {kind: str(p) for kind, p in write_report(cfg.out, payload).items()}
+    payload["files"]["clip_benchmark"] = [str(p) for p in write_clip_benchmark_results(cfg.out, payload)]
+    if cfg.tensorboard:
+        payload["files"]["tensorboard_runs"] = _log_to_tensorboard(info, results)
     return payload

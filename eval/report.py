@@ -76,8 +76,10 @@ def format_markdown(
     return "\n".join(lines)
 
 
-def plot_results(results: Results, labels: Sequence[str], tasks: Sequence[str], path: str | Path) -> Path:
-    """Grouped bar chart, one panel per task, one bar colour per checkpoint; written atomically as PNG."""
+def plot_results(results: Results, labels: Sequence[str], tasks: Sequence[str], path: str | Path,
+                 chance: Results | None = None) -> Path:
+    """Grouped bar chart, one panel per task, one bar colour per checkpoint, a dashed line at each metric's
+    chance level (``chance``: task -> metric -> fraction, optional); written atomically as PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -96,6 +98,11 @@ def plot_results(results: Results, labels: Sequence[str], tasks: Sequence[str], 
             xs = [j + (i - (len(labels) - 1) / 2) * width for j in range(len(metrics))]
             bars = ax.bar(xs, values, width, label=label, color=f"C{i}")
             ax.bar_label(bars, labels=["n/a" if math.isnan(v) else f"{v:.1f}" for v in values], fontsize=7, padding=1)
+        for j, metric in enumerate(metrics):
+            level = (chance or {}).get(task, {}).get(metric)
+            if level is not None:
+                ax.hlines(100 * level, j - 0.45, j + 0.45, colors="black", linestyles="--", linewidth=1,
+                          label="chance" if j == 0 else None)
         ax.set_title(task, fontsize=11)
         ax.set_xticks(range(len(metrics)), [metric_title(m).replace(" R@", "\nR@") for m in metrics],
                       fontsize=8, rotation=0)
@@ -105,7 +112,7 @@ def plot_results(results: Results, labels: Sequence[str], tasks: Sequence[str], 
     for ax in list(axes.flat)[len(tasks):]:
         ax.axis("off")
     handles, names = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="upper right", ncol=max(1, len(labels)), frameon=False)
+    fig.legend(handles, names, loc="upper right", ncol=max(1, len(names)), frameon=False)
     fig.suptitle("Zero-shot evaluation (%, higher is better)", x=0.01, ha="left", fontsize=12)
     fig.tight_layout(rect=(0, 0, 1, 0.93))
     path = Path(path)
@@ -119,7 +126,8 @@ def write_report(out_dir: str | Path, payload: dict[str, Any]) -> dict[str, Path
     """Write ``results.json`` (``payload`` as is), ``results.md`` and ``results.png`` into ``out_dir``.
 
     ``payload`` needs ``"labels"`` (ordered checkpoint labels), ``"tasks"`` (ordered task names) and
-    ``"results"`` (:data:`Results`); ``"task_notes"`` (task -> short description) is optional.
+    ``"results"`` (:data:`Results`); ``"task_notes"`` (task -> short description) and ``"chance"`` (task ->
+    metric -> chance level, drawn on the chart) are optional.
     """
     out_dir = Path(out_dir)
     labels, tasks, results = payload["labels"], payload["tasks"], payload["results"]
@@ -128,6 +136,6 @@ def write_report(out_dir: str | Path, payload: dict[str, Any]) -> dict[str, Path
         "markdown": atomic_write_text(
             out_dir / "results.md", format_markdown(results, labels, tasks, payload.get("task_notes"))
         ),
-        "chart": plot_results(results, labels, tasks, out_dir / "results.png"),
+        "chart": plot_results(results, labels, tasks, out_dir / "results.png", payload.get("chance")),
     }
     return paths

@@ -10,11 +10,16 @@ Two directions, named by what is the query and what is retrieved:
   Averaged over captions. CLIP_benchmark calls this ``image_retrieval_recall@k``, named after what is
   retrieved, which is easy to read backwards; we name the query first to avoid that.
 
-Similarity is the cosine of the L2-normalised embeddings. Ties count against the query (pessimistic):
-the rank of a query's best positive is the number of *negatives* scoring greater than *or equal to* it,
-and the query is a hit at k when that rank is below k. Other positives never push a positive down (for
-image->text the best-scoring caption of the image is the one that counts). With no ties this equals the
-``torch.topk`` recall of CLIP_benchmark; with ties it never overstates it.
+Similarity is the cosine of the L2-normalised embeddings. Ties have two policies (``ties=``):
+
+* ``"clip_benchmark"`` (the default): exactly CLIP_benchmark 1.6's ``zeroshot_retrieval``: the score
+  matrix ``texts @ images.T``, a hit when a positive is among ``torch.topk``'s k indices (ties broken by
+  index), the recall a float32 mean;
+* ``"strict"``: ties count against the query. The rank of a query's best positive is the number of
+  *negatives* scoring greater than *or equal to* it, and the query is a hit at k when that rank is below
+  k. Other positives never push a positive down (for image->text the best-scoring caption of the image
+  is the one that counts). With no ties this equals the ``torch.topk`` recall; with ties it never
+  overstates it.
 
 Scores are computed ``chunk_size`` queries at a time, so MS-COCO 5k (5,000 x 25,000) fits in memory.
 """
@@ -26,7 +31,10 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DEFAULT_RECALL_KS", "image_to_text_ranks", "recall_at_k", "retrieval_metrics", "text_to_image_ranks"]
+from softclip.eval.zeroshot import TIE_POLICIES, TiePolicy, normalize_once
+
+__all__ = ["DEFAULT_RECALL_KS", "chance_recall", "clip_benchmark_retrieval_metrics", "image_to_text_ranks", "recall_at_k",
+           "retrieval_metrics", "text_to_image_ranks"]
 
 DEFAULT_RECALL_KS = (1, 5, 10)
 
@@ -120,9 +128,39 @@ def recall_at_k(ranks: torch.Tensor, ks: Sequence[int] = DEFAULT_RECALL_KS) -> d
     return {k: (ranks < k).double().mean().item() for k in ks}
 
 
-def retrieval_metrics(
+def _topk_hits(scores: torch.Tensor, positive: torch.Tensor, k: int, chunk_size: int) -> torch.Tensor:
+    """Per row of ``scores``: is any positive among the ``torch.topk`` k indices (CLIP_benchmark's test)."""
+    hits = []
+    for start in range(0, scores.shape[0], chunk_size):
+        top = scores[start : start + chunk_size].topk(min(k, scores.shape[1]), dim=1)[1]
+        hits.append(positive[start : start + chunk_size].gather(1, top).any(dim=1))
+    return torch.cat(hits)
+
+
+def clip_benchmark_retrieval_metrics(
     image_embeddings: torch.Tensor, text_embeddings: torch.Tensor, text_to_image: torch.Tensor,
     *, ks: Sequence[int] = DEFAULT_RECALL_KS, chunk_size: int = 1024,
+) -> dict[str, float]:
+    """Recall@k as CLIP_benchmark's ``zeroshot_retrieval.evaluate`` computes it (see the module docstring);
+    keys as :func:`retrieval_metrics`. A ``k`` above the number of candidates counts every candidate.
+    Embeddings already L2-normalised (as :mod:`eval.embed` returns them, by the same ``F.normalize``
+    CLIP_benchmark applies) are used as given (:func:`eval.zeroshot.normalize_once`)."""
+    _check(image_embeddings, text_embeddings, text_to_image)
+    images, texts = normalize_once(image_embeddings), normalize_once(text_embeddings)
+    owner = text_to_image.long().to(images.device)
+    if any(k < 1 for k in ks):
+        raise ValueError(f"every k must be >= 1, got {tuple(ks)}")
+    scores = texts @ images.T  # [T, I], one product as CLIP_benchmark computes it
+    positive = torch.zeros_like(scores, dtype=torch.bool)
+    positive[torch.arange(len(scores)), owner] = True
+    i2t = {k: _topk_hits(scores.T, positive.T, k, chunk_size).float().mean().item() for k in ks}
+    t2i = {k: _topk_hits(scores, positive, k, chunk_size).float().mean().item() for k in ks}
+    return {**{f"image_to_text_R@{k}": v for k, v in i2t.items()}, **{f"text_to_image_R@{k}": v for k, v in t2i.items()}}
+
+
+def retrieval_metrics(
+    image_embeddings: torch.Tensor, text_embeddings: torch.Tensor, text_to_image: torch.Tensor,
+    *, ks: Sequence[int] = DEFAULT_RECALL_KS, chunk_size: int = 1024, ties: TiePolicy = "clip_benchmark",
 ) -> dict[str, float]:
     """Recall@k in both directions, as fractions in [0, 1].
 
@@ -130,10 +168,35 @@ def retrieval_metrics(
         image_embeddings: ``Tensor[I, D]``; text_embeddings: ``Tensor[T, D]``.
         text_to_image: ``LongTensor[T]``, the image of each caption.
         ks: the cut-offs (default 1, 5, 10).
+        ties: ``"clip_benchmark"`` or ``"strict"`` (see the module docstring).
 
     Returns:
         ``{"image_to_text_R@1": ..., ..., "text_to_image_R@1": ..., ...}`` (see the module docstring).
     """
+    if ties not in TIE_POLICIES:
+        raise ValueError(f"ties must be one of {TIE_POLICIES}, got {ties!r}")
+    if ties == "clip_benchmark":
+        return clip_benchmark_retrieval_metrics(image_embeddings, text_embeddings, text_to_image, ks=ks,
+                                                chunk_size=chunk_size)
     i2t = recall_at_k(image_to_text_ranks(image_embeddings, text_embeddings, text_to_image, chunk_size=chunk_size), ks)
     t2i = recall_at_k(text_to_image_ranks(image_embeddings, text_embeddings, text_to_image, chunk_size=chunk_size), ks)
     return {**{f"image_to_text_R@{k}": v for k, v in i2t.items()}, **{f"text_to_image_R@{k}": v for k, v in t2i.items()}}
+
+
+def chance_recall(caption_to_image: Sequence[int], ks: Sequence[int] = DEFAULT_RECALL_KS) -> dict[str, float]:
+    """Expected recall@k of a random ranking, keys as :func:`retrieval_metrics`.
+
+    Text-to-image: ``min(k, I) / I``. Image-to-text, for an image with ``m`` of the ``T`` captions: the
+    chance that a random top k holds one of them, ``1 - prod_{i<k} (T - m - i) / (T - i)``, averaged over
+    images (hypergeometric).
+    """
+    counts = torch.bincount(torch.as_tensor(list(caption_to_image), dtype=torch.long)).double()
+    num_images, num_texts = len(counts), float(counts.sum())
+    out = {}
+    for k in ks:
+        miss = torch.ones_like(counts)
+        for i in range(min(k, int(num_texts))):
+            miss = miss * ((num_texts - counts - i) / (num_texts - i)).clamp(min=0.0)
+        out[f"image_to_text_R@{k}"] = float((1 - miss).mean())
+    out.update({f"text_to_image_R@{k}": min(k, num_images) / num_images for k in ks})
+    return out

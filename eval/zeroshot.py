@@ -16,24 +16,40 @@ Metrics, as CLIP_benchmark defines them (``clip_benchmark/metrics/zeroshot_class
   left out of the average (sklearn drops the NaN recall of a class that is predicted but absent, and
   never sees a class that is neither). We do the same: a class with no samples does not count.
 
-Ties are resolved against the sample (pessimistic): the rank of the true class is the number of *other*
-classes whose logit is greater than *or equal to* the true class's logit, and the sample is correct at k
-when that rank is below k. So a sample whose true class ties with another for the top logit is not a
-top-1 hit. ``torch.topk`` (which CLIP_benchmark uses) breaks ties arbitrarily; without ties the two agree.
+Ties have two policies (``ties=``):
+
+* ``"clip_benchmark"`` (the default, so numbers compare with everyone else's): computed exactly as
+  CLIP_benchmark 1.6 does, logits ``100 * x @ W`` with ``W`` the ``[D, C]`` classifier, top-k from
+  ``torch.topk`` and the prediction for the per-class recall from ``argmax`` (both break ties by index);
+* ``"strict"``: ties count against the sample. The rank of the true class is the number of *other*
+  classes whose logit is greater than *or equal to* the true class's logit, and the sample is correct at
+  k when that rank is below k, so a true class tied for the top logit is not a top-1 hit.
+
+Without ties the two agree.
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "TIE_POLICIES",
+    "chance_accuracy",
+    "clip_benchmark_classification_metrics",
     "classification_metrics",
     "classifier_from_template_embeddings",
     "mean_per_class_recall",
+    "normalize_once",
     "top_k_accuracy",
     "true_class_ranks",
 ]
+
+TIE_POLICIES = ("clip_benchmark", "strict")
+TiePolicy = Literal["clip_benchmark", "strict"]
 
 
 def classifier_from_template_embeddings(template_embeddings: torch.Tensor) -> torch.Tensor:
@@ -116,24 +132,76 @@ def mean_per_class_recall(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return (hits[present] / counts[present]).mean().item()
 
 
+def normalize_once(embeddings: torch.Tensor) -> torch.Tensor:
+    """``embeddings`` (float32) L2-normalised by rows, left as they are when every row already has unit
+    norm (to 1e-5): normalising twice can move the last bit, and so which of two tied scores is higher."""
+    embeddings = embeddings.float()
+    norms = embeddings.norm(dim=-1)
+    if embeddings.numel() and torch.allclose(norms, torch.ones_like(norms), rtol=0.0, atol=1e-5):
+        return embeddings
+    return F.normalize(embeddings, dim=-1)
+
+
+def clip_benchmark_classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float | None]:
+    """``acc1``/``acc5``/``mean_per_class_recall`` as CLIP_benchmark's ``zeroshot_classification.evaluate``
+    computes them from ``logits [N, C]`` (ties broken by ``torch.topk`` / ``argmax``, i.e. by index).
+
+    Top-k: ``(true class among topk(logits, k)).sum() / N``; per-class recall: sklearn's
+    ``balanced_accuracy_score(labels, argmax)``, the mean over the classes present in ``labels`` of their
+    recall (``numpy.mean`` of the float64 recalls, in class order). ``acc5`` is ``None`` below 5 classes.
+    """
+    _check_logits_labels(logits, labels)
+    if labels.numel() == 0:
+        raise ValueError("classification metrics need at least one sample")
+    labels = labels.long()
+    num_classes = logits.shape[1]
+    ks = (1, 5) if num_classes >= 5 else (1,)
+    pred = logits.topk(max(ks), 1, True, True)[1].t()
+    correct = pred.eq(labels.view(1, -1).expand_as(pred))
+    accs = [correct[:k].reshape(-1).float().sum().item() / len(labels) for k in ks]
+    argmax = logits.argmax(dim=1).cpu().numpy()
+    target = labels.cpu().numpy()
+    recalls = [float((argmax[target == c] == c).sum()) / float((target == c).sum()) for c in np.unique(target)]
+    return {"top1": accs[0], "top5": accs[1] if len(accs) > 1 else None,
+            "mean_per_class_recall": float(np.mean(np.asarray(recalls, dtype=np.float64)))}
+
+
 def classification_metrics(
-    image_embeddings: torch.Tensor, classifier: torch.Tensor, labels: torch.Tensor
+    image_embeddings: torch.Tensor, classifier: torch.Tensor, labels: torch.Tensor, *,
+    ties: TiePolicy = "clip_benchmark",
 ) -> dict[str, float | None]:
     """Top-1, top-5 and mean per-class recall of a zero-shot classifier.
 
     Args:
-        image_embeddings: ``Tensor[N, D]`` (normalised here).
+        image_embeddings: ``Tensor[N, D]`` (normalised here, once: see :func:`normalize_once`).
         classifier: ``Tensor[C, D]`` from :func:`classifier_from_template_embeddings`.
         labels: ``Tensor[N]`` true classes.
+        ties: ``"clip_benchmark"`` or ``"strict"`` (see the module docstring).
 
     Returns:
         ``{"top1", "top5", "mean_per_class_recall"}`` as fractions in [0, 1]; ``top5`` is ``None`` when
         there are fewer than 5 classes (CLIP_benchmark reports NaN there).
     """
-    logits = F.normalize(image_embeddings.float(), dim=-1) @ F.normalize(classifier.float(), dim=-1).T
+    if ties not in TIE_POLICIES:
+        raise ValueError(f"ties must be one of {TIE_POLICIES}, got {ties!r}")
+    if ties == "clip_benchmark":  # CLIP_benchmark's logits, bit for bit: 100 * x @ W with W as [D, C]
+        images, weights = normalize_once(image_embeddings), normalize_once(classifier)
+        return clip_benchmark_classification_metrics(100.0 * images @ weights.T.contiguous(), labels)
+    images = F.normalize(image_embeddings.float(), dim=-1)
+    weights = F.normalize(classifier.float(), dim=-1)
+    logits = images @ weights.T
     num_classes = logits.shape[1]
     return {
         "top1": top_k_accuracy(logits, labels, 1),
         "top5": top_k_accuracy(logits, labels, 5) if num_classes >= 5 else None,
         "mean_per_class_recall": mean_per_class_recall(logits, labels),
     }
+
+
+def chance_accuracy(num_classes: int) -> dict[str, float | None]:
+    """Expected metrics of a uniformly random classifier over ``num_classes`` classes: top-k ``k / C``,
+    mean per-class recall ``1 / C`` (keys as :func:`classification_metrics`)."""
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be positive, got {num_classes}")
+    return {"top1": 1 / num_classes, "top5": 5 / num_classes if num_classes >= 5 else None,
+            "mean_per_class_recall": 1 / num_classes}

@@ -1,7 +1,8 @@
 """``softclip inspect DIR``: what a feature directory holds, computed with polars.
 
 Rows, ok and errors by reason, boxes per image, the most frequent object classes, attributes and tags,
-bytes per image, and the detector(s) that wrote the rows. Works on any folder of feature shards
+bytes per image, the detector(s) that wrote the rows, and the samples img2dataset failed to download or
+resize (from the manifest's ``source_failures``; they never reached the shards). Works on any folder of feature shards
 (``*.parquet``). When the folder has a ``manifest.json``, only its complete shards are read: files it
 does not list are reported and left out, and so are listed shards whose file is missing or differs from
 the recorded size (``verify="size"``, the default: cheap) or SHA-256 (``verify="checksum"``: reads every
@@ -41,6 +42,7 @@ class FeatureDirReport:
     unreadable_shards: dict[str, str]
     unlisted_files: list[str] = dataclasses.field(default_factory=list)  # *.parquet not in the manifest
     damaged_shards: dict[str, str] = dataclasses.field(default_factory=dict)  # shard -> what differs
+    source_failures: dict = dataclasses.field(default_factory=dict)  # img2dataset's record (manifest.py)
 
     def render(self) -> str:
         """Human-readable multi-line text."""
@@ -58,6 +60,12 @@ class FeatureDirReport:
             f"top attributes: {top(self.top_attributes)}",
             f"top tags: {top(self.top_tags)}",
         ]
+        f = self.source_failures
+        if f:
+            reasons = ", ".join(f"{reason} ({n})" for reason, n in f["reasons"].items()) or "-"
+            lines.append(f"img2dataset: {f['samples']} samples, {f['downloaded']} downloaded, "
+                         f"{f['failed_to_download']} failed to download, {f['failed_to_resize']} failed to resize: "
+                         f"{reasons}")
         lines += [f"unreadable shard {name}: {error}" for name, error in self.unreadable_shards.items()]
         lines += [f"damaged shard {name}: {problem} (left out; rerun softclip extract to redo it)"
                   for name, problem in self.damaged_shards.items()]
@@ -113,8 +121,10 @@ def inspect_features(directory: str | Path, *, top: int = 10,
     unlisted: list[str] = []
     damaged: dict[str, str] = {}
     unreadable: dict[str, str] = {}
+    failures: dict = {}
     if (directory / MANIFEST_NAME).is_file():
         files, unlisted, damaged, unreadable = _manifest_files(directory, verify)
+        failures = Manifest.load(directory).data.get("source_failures") or {}
         if not files:
             raise FileNotFoundError(
                 f"{directory}: {MANIFEST_NAME} lists no complete shard whose file matches it "
@@ -147,5 +157,5 @@ def inspect_features(directory: str | Path, *, top: int = 10,
         top_tags=[(t, c) for t, c in _counts(tags, "phrases", top, 1) if t],
         bytes_per_image=sum(p.stat().st_size for p in files) / rows if rows else 0.0,
         detectors=[d for d in detectors if d], unreadable_shards=unreadable, unlisted_files=unlisted,
-        damaged_shards=damaged,
+        damaged_shards=damaged, source_failures=failures,
     )

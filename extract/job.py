@@ -54,7 +54,7 @@ from tqdm import tqdm
 from softclip.extract.actor import DetectorActor
 from softclip.extract.checkpoint import CheckpointError, infer_arch, read_labelmap_for, read_state_dict
 from softclip.extract.job_config import DEFAULT_LOADER, ExtractConfig
-from softclip.extract.manifest import MANIFEST_NAME, Manifest
+from softclip.extract.manifest import MANIFEST_NAME, Manifest, source_failure_totals
 from softclip.extract.pack import PACKED_DIR, pack_directory
 from softclip.extract.ray_local import start_local_ray, stop_local_ray
 from softclip.extract.stages import read_shard_rows
@@ -62,7 +62,7 @@ from softclip.extract.writer import ShardAssembler, remove_stale_temporaries, st
 from softclip.pipeline.config import save_config
 from softclip.pipeline.io import file_sha256
 from softclip.pipeline.registry import resolve_dataset
-from softclip.pipeline.sources import open_source
+from softclip.pipeline.sources import img2dataset_stats, open_source
 
 __all__ = ["ExtractSummary", "OutputDirError", "OutputNotEmptyError", "WorkerCrashError", "check_detector_files",
            "check_out_dir", "fingerprint", "resolve_dataset_spec", "run_extraction", "stage_worker_package"]
@@ -264,13 +264,14 @@ def _pipeline(cfg: ExtractConfig, items: list[dict[str, str]], actors: int, gpus
 
 
 def _run_pending(cfg: ExtractConfig, spec: str, pending: list[str], manifest: Manifest,
-                 start: float) -> dict[str, Any]:
-    """Extract the ``pending`` shards; returns this run's counts and timings."""
+                 start: float, total: int | None = None) -> dict[str, Any]:
+    """Extract the ``pending`` shards (``total`` images, when the source's side files say); returns this run's
+    counts and timings."""
     cfg, actors, gpus = _actor_plan(cfg)
     first: float | None = None
     assembler = ShardAssembler(cfg.out, manifest, row_group_size=cfg.row_group_size)
     images, detector_seconds, actor_seconds, written = 0, 0.0, 0.0, 0
-    with tqdm(unit="img", desc="extract", disable=not cfg.progress, dynamic_ncols=True) as bar:
+    with tqdm(total=total, unit="img", desc="extract", disable=not cfg.progress, dynamic_ncols=True) as bar:
         try:
             for batch in _dataset(cfg, spec, pending, actors, gpus).iter_batches(batch_size=None,
                                                                                  batch_format="numpy"):
@@ -330,6 +331,9 @@ def run_extraction(cfg: ExtractConfig) -> ExtractSummary:
     found = fingerprint(cfg, spec)
     check_detector_files(cfg)
     manifest = Manifest.open(cfg.out, found)
+    stats = img2dataset_stats(source)  # img2dataset's side files: failures, and the total for the progress bar
+    if stats:
+        manifest.set_source_failures(source_failure_totals(stats))
     cfg.out.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(cfg.out)
     names = [s.name for s in source.shards]
@@ -345,7 +349,9 @@ def run_extraction(cfg: ExtractConfig) -> ExtractSummary:
         if pending or cfg.pack:
             started_ray = _init_ray(cfg)
         if pending:
-            run = _run_pending(cfg, spec, pending, manifest, start)
+            known = all(name in stats for name in pending)
+            run = _run_pending(cfg, spec, pending, manifest, start,
+                               sum(stats[n].get("successes", 0) for n in pending) if known else None)
         if cfg.pack:
             pack_directory(cfg.out, progress=cfg.progress, manifest=manifest)  # records "packed" in ours
         remove_stale_temporaries(cfg.out)  # a Ray task killed and retried during this run may have left one

@@ -17,7 +17,12 @@ Layout::
      "shards": {"00000": {"status": "complete", "file": "00000.parquet", "rows": 50, "ok": 49,
                           "errors": {"corrupt": 1}, "boxes": 730, "bytes": 123456, "sha256": ..., ...},
                 "00001": {"status": "unreadable", "error": "..."}},
-     "totals": {...}, "runs": [{"started": ..., "seconds": ..., "images": ...}]}
+     "totals": {...}, "runs": [{"started": ..., "seconds": ..., "images": ...}],
+     "source_failures": {"samples": 10, "downloaded": 8, "failed_to_download": 1, "failed_to_resize": 1,
+                         "reasons": {"HTTP Error 404: File not found": 1, ...}}}
+
+``source_failures`` is what img2dataset's side files record about the samples that never reached the
+data files (absent for sources without them); see :func:`source_failure_totals`.
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ from typing import Any
 
 from softclip.pipeline.io import atomic_write_json, file_sha256
 
-__all__ = ["MANIFEST_NAME", "Manifest", "ManifestFormatError", "ManifestMismatchError", "shard_totals"]
+__all__ = ["MANIFEST_NAME", "Manifest", "ManifestFormatError", "ManifestMismatchError", "shard_totals",
+           "source_failure_totals"]
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +131,19 @@ def shard_totals(shards: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "bytes_per_image": total_bytes / images if images else 0.0}
 
 
+def source_failure_totals(stats: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Sum img2dataset's per-shard stats (:func:`pipeline.sources.img2dataset_stats`): samples attempted,
+    downloaded, failed to download / resize, and the failure reasons (its ``status_dict`` less success)."""
+    reasons: Counter = Counter()
+    for shard in stats.values():
+        reasons.update({k: v for k, v in (shard.get("status_dict") or {}).items() if k != "success"})
+    return {"samples": sum(s["count"] for s in stats.values()),
+            "downloaded": sum(s.get("successes", 0) for s in stats.values()),
+            "failed_to_download": sum(s.get("failed_to_download", 0) for s in stats.values()),
+            "failed_to_resize": sum(s.get("failed_to_resize", 0) for s in stats.values()),
+            "reasons": dict(sorted(reasons.items()))}
+
+
 class Manifest:
     """The manifest of one output directory; every change is written through :meth:`save`."""
 
@@ -196,6 +215,10 @@ class Manifest:
         if not path.is_file() or path.stat().st_size != entry["bytes"]:
             return False
         return verify == "size" or file_sha256(path) == entry["sha256"]
+
+    def set_source_failures(self, totals: dict[str, Any]) -> None:
+        """Record img2dataset's failure counts (:func:`source_failure_totals`); saved with the next save."""
+        self.data["source_failures"] = totals
 
     def record(self, name: str, entry: dict[str, Any]) -> None:
         """Set shard ``name``'s entry and save."""

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from dataclasses import replace
+import warnings
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +48,8 @@ from softclip.extract.postprocess import filter_detections, postprocess_attribut
 from softclip.pipeline.config import config_hash, load_config
 from softclip.pipeline.shards import box_geometry
 
-__all__ = ["BOX_REG_WEIGHTS", "CheckpointError", "VinVLDetector", "format_tags"]
+__all__ = ["BOX_REG_WEIGHTS", "DETECTOR_CONFIG_NAME", "CheckpointError", "DetectorSettingsWarning",
+           "VinVLDetector", "format_tags", "resolve_detector_config"]
 
 BOX_REG_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
 
@@ -56,6 +58,36 @@ class _Backbone(nn.Module):
     def __init__(self, body: nn.Module):
         super().__init__()
         self.body = body
+
+
+DETECTOR_CONFIG_NAME = "detector.yaml"  # written beside model.pth by `softclip detector train`
+
+
+class DetectorSettingsWarning(UserWarning):
+    """A detector config's test settings contradict the ``detector.yaml`` shipped beside the weights."""
+
+
+def resolve_detector_config(weights: str | Path, config: DetectorConfig | str | Path | None
+                            ) -> DetectorConfig | None:
+    """The config to load ``weights`` with: ``config`` if given, else the ``detector.yaml`` beside them.
+
+    A given config whose test settings differ from that file is used, with a
+    :class:`DetectorSettingsWarning` listing each differing setting (``name: given vs shipped``).
+    """
+    beside = Path(weights).parent / DETECTOR_CONFIG_NAME
+    shipped = load_config(DetectorConfig, beside) if beside.is_file() else None
+    if config is None:
+        return shipped
+    if isinstance(config, (str, Path)):
+        config = load_config(DetectorConfig, config)
+    if shipped is not None:
+        differ = [f"{f.name}: {getattr(config.test, f.name)!r} vs {getattr(shipped.test, f.name)!r}"
+                  for f in fields(DetectorSettings) if getattr(config.test, f.name) != getattr(shipped.test, f.name)]
+        if differ:
+            warnings.warn(DetectorSettingsWarning(
+                f"{weights}: the given detector config's test settings differ from {beside} (the settings the "
+                f"weights were shipped with): {'; '.join(differ)}. Drop --config to use {beside}."), stacklevel=3)
+    return config
 
 
 def format_tags(class_names: list[str], attr_names: list[list[str]]) -> str:
@@ -110,8 +142,10 @@ class VinVLDetector(nn.Module):
                 ``torch.load(..., weights_only=True)``.
             labelmap: VinVL label map JSON (1-based ``label_to_idx`` / ``attribute_to_idx``).
             config: optional :class:`DetectorConfig` (or its YAML) for the name, the test settings and
-                ``arch.pooler_resolution`` (14 without a config); the rest of its ``arch`` must equal the
-                checkpoint's.
+                ``arch.pooler_resolution``; the rest of its ``arch`` must equal the checkpoint's. Without
+                one, the ``detector.yaml`` beside the weights is used (the settings travel with them), else
+                VinVL's test settings (pooler 14). A given config whose test settings differ from that
+                ``detector.yaml`` loads with a :class:`DetectorSettingsWarning` naming the differences.
             device: where the model runs.
             **overrides: test-time settings (:class:`DetectorSettings` fields), e.g. ``score_thresh=0.3``.
 
@@ -123,9 +157,7 @@ class VinVLDetector(nn.Module):
         source = str(weights)
         state = read_state_dict(weights)
         arch = infer_arch(state, source)
-        if isinstance(config, (str, Path)):
-            config = load_config(DetectorConfig, config)
-        config = config or DetectorConfig(name="vinvl", arch=arch)
+        config = resolve_detector_config(weights, config) or DetectorConfig(name="vinvl", arch=arch)
         arch = replace(arch, pooler_resolution=config.arch.pooler_resolution)  # not visible in the weights
         if config.arch != arch:
             raise CheckpointError(f"{source}: architecture {arch} differs from the given config's {config.arch}")

@@ -21,7 +21,8 @@ __all__ = ["STAGE_CLI_MODULES", "build_app", "main"]
 
 # Modules whose `register(app)` adds the stage commands, in the order --help lists them.
 STAGE_CLI_MODULES: tuple[str, ...] = (
-    "softclip.extract.job_cli", "softclip.extract.cli", "softclip.train.cli", "softclip.eval.cli",
+    "softclip.extract.job_cli", "softclip.extract.cli", "softclip.train.cli", "softclip.train.export",
+    "softclip.eval.cli",
     "softclip.workflows.cli",
 )
 
@@ -45,15 +46,37 @@ def shapes(
                f"{summary['attribute_noise_rate']:.3f}, {summary['seconds']:.1f}s -> {summary['out']}")
 
 
+def _version_callback(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"softclip {version('softclip')}")
+        except PackageNotFoundError:  # running from a checkout that was never installed
+            typer.echo("softclip (not installed: no version metadata)")
+        raise typer.Exit()
+
+
+def _root(
+    show_version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True,
+                                      help="Print the version and exit."),
+) -> None:
+    """SoftCLIP pipeline: extract ROI features, train SoftCLIP/CLIP, evaluate, run cached workflows.
+
+    Every command takes its settings overrides as --set key=value (repeatable).
+    """
+
+
 def build_app() -> typer.Typer:
     """The full ``softclip`` app: foundation commands plus every stage's commands."""
     app = typer.Typer(
         name="softclip",
-        help="SoftCLIP pipeline: extract ROI features, train SoftCLIP/CLIP, evaluate, run cached workflows.",
         no_args_is_help=True,
         add_completion=False,
         pretty_exceptions_show_locals=False,
+        context_settings={"help_option_names": ["-h", "--help"]},
     )
+    app.callback()(_root)
     app.command("shapes")(shapes)
     for module_name in STAGE_CLI_MODULES:
         importlib.import_module(module_name).register(app)

@@ -1,10 +1,14 @@
-"""Image-text sources: img2dataset-style WebDataset tars, or an image folder with a captions file.
+"""Image-text sources: img2dataset output (its ``webdataset``, ``parquet`` and ``files`` formats, keys of
+any width), WebDataset tars, or an image folder with a captions file.
 
 A source is a list of shards; each shard yields :class:`Sample` objects that carry their shard name, so
 stages can work, write and resume shard by shard. Reading never decodes images (that is the stage's job,
 through :func:`pipeline.images.decode_image`) and never stops at a bad sample: a truncated member comes
 back as a sample with ``error`` set, and the samples before it are yielded as usual. Only a shard that
 cannot be opened at all raises :class:`SourceError`.
+
+img2dataset keeps its failed samples out of the data files and records them in its side files
+(``NNNNN.parquet`` status column, ``NNNNN_stats.json``); :func:`img2dataset_stats` reads those counts.
 
 Example::
 
@@ -24,10 +28,12 @@ from pathlib import Path
 
 import braceexpand
 import polars as pl
+import pyarrow.parquet as pq
 
 from softclip.pipeline.shards import shard_name
 
-__all__ = ["DEFAULT_MAX_CAPTION_CHARS", "DEFAULT_MAX_MEMBER_BYTES", "IMAGE_EXTENSIONS", "SAMPLE_ERROR_REASONS", "Sample", "Source", "SourceError", "SourceShard", "open_source"]
+__all__ = ["DEFAULT_MAX_CAPTION_CHARS", "DEFAULT_MAX_MEMBER_BYTES", "IMAGE_EXTENSIONS", "SAMPLE_ERROR_REASONS",
+           "Sample", "Source", "SourceError", "SourceShard", "img2dataset_stats", "open_source"]
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
 CAPTION_FILES = ("captions.parquet", "captions.jsonl", "captions.csv")
@@ -58,7 +64,8 @@ class Sample:
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class SourceShard:
-    """A unit of work: a tar file, or a slice of rows of a captions file."""
+    """A unit of work: a tar file, an img2dataset parquet file or ``files`` folder, or a slice of rows of a
+    captions file."""
 
     name: str
     path: Path
@@ -70,7 +77,7 @@ class Source:
     """An image-text dataset split into shards."""
 
     spec: str
-    kind: str  # "webdataset" or "folder"
+    kind: str  # "webdataset", "parquet" or "files" (img2dataset's output formats), or "folder"
     shards: tuple[SourceShard, ...]
     _captions: pl.DataFrame | None = None
     _image_root: Path | None = None
@@ -81,6 +88,10 @@ class Source:
         """Yield the samples of ``shard`` in storage order."""
         if self.kind == "webdataset":
             yield from _iter_tar(shard, self.max_member_bytes, self.max_caption_chars)
+        elif self.kind == "parquet":
+            yield from _iter_parquet(shard, self.max_member_bytes, self.max_caption_chars)
+        elif self.kind == "files":
+            yield from _iter_files(shard, self.max_member_bytes, self.max_caption_chars)
         else:
             yield from _iter_folder_rows(shard, self._captions, self._image_root, self.max_caption_chars)
 
@@ -236,6 +247,99 @@ def _end_of_archive_missing(tar: tarfile.TarFile) -> int | None:
     return None if len(block) == tarfile.BLOCKSIZE and not block.strip(b"\0") else tar.offset
 
 
+def _parquet_image_column(path: Path) -> str | None:
+    """The image column of an img2dataset ``parquet``-format file (``jpg``, ``png``, ``webp``), if any."""
+    try:
+        names = pq.read_schema(path).names
+    except (OSError, ValueError) as err:  # pyarrow raises ArrowInvalid (a ValueError) for a non-parquet file
+        raise SourceError(f"{path}: cannot read the parquet schema ({err})") from err
+    return next((ext for ext in IMAGE_EXTENSIONS if ext in names), None)
+
+
+def _iter_parquet(shard: SourceShard, max_member_bytes: int, max_caption_chars: int) -> Iterator[Sample]:
+    """Rows of an img2dataset ``parquet``-format shard; failed rows (status other than ``success``, no
+    image) are skipped here and counted from the side files by :func:`img2dataset_stats`. Images over
+    ``max_member_bytes`` and captions over ``max_caption_chars`` become error rows, as in tars."""
+    column = _parquet_image_column(shard.path)
+    try:
+        batches = pq.ParquetFile(shard.path).iter_batches(batch_size=256)
+        for batch in batches:
+            for row in batch.to_pylist():
+                if row.get("status", "success") != "success":
+                    continue
+                image = row.pop(column, None)
+                caption = row.pop("txt", None)
+                caption, error = _caption({}, {"caption": caption if caption is not None else row.get("caption")},
+                                          max_caption_chars)
+                if image is None:
+                    error = error or f"row {row.get('key')} of {shard.path} has no {column} bytes"
+                elif len(image) > max_member_bytes:
+                    error = error or (f"member_too_large: the {column} of row {row.get('key')} of {shard.path} "
+                                      f"is {len(image)} bytes, over max_member_bytes={max_member_bytes}")
+                yield Sample(key=str(row.get("key")), shard=shard.name, image=None if error else image,
+                             caption=caption, meta=row, error=error)
+    except OSError as err:
+        raise SourceError(f"{shard.path}: cannot read parquet shard ({err})") from err
+
+
+def _iter_files(shard: SourceShard, max_member_bytes: int, max_caption_chars: int) -> Iterator[Sample]:
+    """Samples of an img2dataset ``files``-format shard folder (``<key>.jpg/.txt/.json``), in key order;
+    files over ``max_member_bytes`` are not read (an error row, as in tars)."""
+    grouped: dict[str, dict[str, Path]] = {}
+    for path in sorted(shard.path.iterdir()):
+        if path.is_file():
+            key, suffix = _split_member(path.name)
+            grouped.setdefault(key, {})[suffix] = path
+    for key, files in grouped.items():
+        try:
+            large = next((p for p in files.values() if p.stat().st_size > max_member_bytes), None)
+            if large is not None:
+                members, error = {}, (f"member_too_large: {large} is {large.stat().st_size} bytes, over "
+                                      f"max_member_bytes={max_member_bytes}")
+            else:
+                members, error = {suffix: path.read_bytes() for suffix, path in files.items()}, None
+        except OSError as err:
+            members, error = {}, f"cannot read a file of sample {key} in {shard.path}: {err.strerror or err}"
+        yield _make_sample(key, shard.name, members, error=error, max_caption_chars=max_caption_chars)
+
+
+def _img2dataset_source(spec: str, path: Path, limits: dict[str, int]) -> Source | None:
+    """A directory in img2dataset's ``files`` (shard folders) or ``parquet`` (image column) format, else None."""
+    folders = sorted(p for p in path.iterdir() if p.is_dir() and p.name.isdigit())
+    if folders:
+        return Source(spec=spec, kind="files", shards=tuple(SourceShard(name=p.name, path=p) for p in folders),
+                      **limits)
+    parquets = sorted(p for p in path.glob("*.parquet") if p.stem.isdigit())
+    if parquets and _parquet_image_column(parquets[0]) is not None:
+        return Source(spec=spec, kind="parquet",
+                      shards=tuple(SourceShard(name=p.stem, path=p) for p in parquets), **limits)
+    return None
+
+
+def img2dataset_stats(source: Source) -> dict[str, dict]:
+    """img2dataset's per-shard record (``NNNNN_stats.json`` beside the shards), by shard name, for every
+    stats file there, including shards whose every sample failed (they have no data to read).
+
+    Each value holds ``count``, ``successes``, ``failed_to_download``, ``failed_to_resize`` and
+    ``status_dict`` (reason -> count) as img2dataset writes them. Empty for sources without side files.
+    """
+    whole_folder = Path(source.spec).is_dir()  # else a pattern or one file: only its own shards count
+    names = {shard.name for shard in source.shards}
+    stats = {}
+    for folder in sorted({shard.path.parent for shard in source.shards} | ({Path(source.spec)} if whole_folder else set())):
+        for path in sorted(folder.glob("*_stats.json")):
+            if not whole_folder and path.name.removesuffix("_stats.json") not in names:
+                continue
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise SourceError(f"{path}: unreadable img2dataset stats ({err})") from err
+            if not isinstance(data, dict) or not isinstance(data.get("count"), int):
+                raise SourceError(f"{path}: not an img2dataset stats file (no integer 'count')")
+            stats[path.name.removesuffix("_stats.json")] = data
+    return stats
+
+
 def _iter_folder_rows(shard: SourceShard, captions: pl.DataFrame, image_root: Path,
                       max_caption_chars: int) -> Iterator[Sample]:
     start, stop = shard.rows
@@ -322,8 +426,13 @@ def open_source(spec: str | Path, *, samples_per_shard: int = 10_000,
             for name in CAPTION_FILES:
                 if (path / name).is_file():
                     return _folder_source(spec, path / name, path, samples_per_shard, limits)
-            raise SourceError(f"{spec}: no *.tar shards and no {' / '.join(CAPTION_FILES)} in this directory; "
-                              "expected an img2dataset output folder or an image folder with a captions file")
+            found = _img2dataset_source(spec, path, limits)
+            if found is not None:
+                return found
+            raise SourceError(f"{spec}: no *.tar shards, no NNNNN.parquet with an image column, no NNNNN/ shard "
+                              f"folders and no {' / '.join(CAPTION_FILES)} in this directory; expected an "
+                              "img2dataset output folder (webdataset, parquet or files format) or an image folder "
+                              "with a captions file")
     elif path.is_file() and path.suffix == ".tar":
         tars = [path]
     elif path.is_file() and path.suffix in (".csv", ".jsonl", ".parquet"):

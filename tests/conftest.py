@@ -28,3 +28,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """An untrained ``shapes-tiny`` open_clip model saved as softclip train saves its towers (seed 0)."""
+    import open_clip
+    import torch
+
+    from softclip.train.model import register_model_configs
+
+    register_model_configs()
+    torch.manual_seed(0)
+    model = open_clip.create_model("shapes-tiny")
+    path = tmp_path_factory.mktemp("tiny_checkpoint") / "tiny.pt"
+    torch.save({"state_dict": model.state_dict(), "model_name": "shapes-tiny", "step": 7,
+                "model_config": open_clip.get_model_config("shapes-tiny")}, path)
+    return path

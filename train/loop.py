@@ -31,6 +31,7 @@ from softclip.train.checkpoint import (
 )
 from softclip.train.config import TrainConfig
 from softclip.train.data import ERROR_KINDS, TrainData
+from softclip.train.export import export_open_clip
 from softclip.train.losses import SoftCLIPLoss
 from softclip.train.metrics import MetricLogger
 from softclip.train.model import SoftCLIPModel, build_model
@@ -335,6 +336,8 @@ def train(cfg: TrainConfig, *, resume: str | None = None) -> TrainSummary:
         _run_epoch(run)
     if run.saved_at != progress["step"]:  # nothing left to train: still leave latest.pt in place
         _save(run)
+    if rank == 0:  # open_clip's local-dir layout beside the checkpoints (train.export)
+        export_open_clip(Path(cfg.run_dir) / "checkpoints" / "latest.pt", Path(cfg.run_dir) / "open_clip")
     run.bar.close()
     run.logger.close()
     if started_group:

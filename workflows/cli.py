@@ -99,8 +99,8 @@ def cache_gc(keep: list[Path] = typer.Argument(None, help="Workflow files whose 
 
 
 def datasets(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
-    """List the registered datasets and whether each is under DATA_ROOT: ``missing``, ``empty`` (a folder with
-    nothing in it) or ``present`` (something is there; its layout is checked when a stage reads it)."""
+    """List the registered datasets and whether each is under DATA_ROOT: missing, empty (a folder with
+    nothing in it) or present (something is there; its layout is checked when a stage reads it)."""
     rows = []
     for name in list_datasets():
         spec = load_dataset_spec(name)

@@ -248,7 +248,7 @@ class WorkflowRunner:
         subprocess.run(command, check=True)
 
     def _eval(self, dataset: StageRecord, trains: list[StageRecord]) -> StageRecord:
-        from softclip.eval.datasets import TASKS, expand_tasks
+        from softclip.eval.datasets import expand_tasks, task_relative_dir
         from softclip.eval.evaluate import EvalConfig, run_eval
 
         step = self.workflow.eval
@@ -265,7 +265,7 @@ class WorkflowRunner:
         from_data_root = [task for task in expand_tasks(cfg.tasks) if task not in cfg.paths]
         if from_data_root:  # these tasks read DATA_ROOT: its location and a shallow fingerprint of their folders
             settings["data_root"] = str(Path(cfg.data_root).resolve())
-            folders = {task: Path(settings["data_root"]) / TASKS[task].relative_dir for task in from_data_root}
+            folders = {task: Path(settings["data_root"]) / task_relative_dir(task) for task in from_data_root}
             settings["task_data"] = {task: tree_fingerprint(folder, max_depth=1) if folder.is_dir() else "missing"
                                      for task, folder in folders.items()}
         inputs = {"dataset": dataset.key, **{f"train:{t.name}": t.key for t in trains}}
