@@ -1,4 +1,4 @@
-"""The feature shard format: one row per image, written as Parquet and as WebDataset members.
+"""The feature shard formats: one row per image in Parquet, and packed WebDataset training shards.
 
 This module owns the schema, the column names and the shard naming; nothing else spells them out.
 
@@ -17,46 +17,48 @@ import dataclasses
 import functools
 import io
 import json
-import tarfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
-import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from softclip.pipeline.io import atomic_path
 
 __all__ = [
+    "GEOMETRY_DIM",
+    "PACKED_DIR",
+    "PACKED_VERSION",
+    "ROI_MEMBER",
     "SCHEMA_VERSION",
     "CorruptShardError",
     "FeatureRecord",
+    "PackedSample",
+    "PackedShardWriter",
     "RaggedColumn",
     "SchemaVersionError",
     "box_geometry",
     "error_record",
     "feature_schema",
     "load_npy",
+    "packed_members",
+    "packed_samples",
     "ragged_column",
-    "read_feature_frame",
     "read_feature_table",
-    "read_webdataset_shard",
-    "sample_to_record",
+    "read_packed_sample",
     "records_to_table",
     "shard_name",
     "table_to_records",
     "write_parquet_shard",
-    "write_webdataset_shard",
+    "write_packed_shard",
 ]
 
 SCHEMA_VERSION = 1
 METADATA_VERSION_KEY = b"softclip.schema_version"
 METADATA_FEATURE_DIM_KEY = b"softclip.feature_dim"
 GEOMETRY_DIM = 6
-# WebDataset member suffixes for the array fields, stored as .npy (numpy.load without pickle).
-_NPY_MEMBERS = {"boxes": "boxes.npy", "geometry": "geometry.npy", "roi_features": "roi.npy",
-                "labels": "labels.npy", "scores": "scores.npy"}
+_ARRAY_FIELDS = ("boxes", "geometry", "roi_features", "labels", "scores")  # per-box numpy fields of a record
 
 
 class SchemaVersionError(ValueError):
@@ -231,11 +233,6 @@ def read_feature_table(path: str | Path, columns: list[str] | None = None) -> pa
         raise CorruptShardError(f"{path}: feature shard is damaged ({err}); re-extract it") from err
 
 
-def read_feature_frame(path: str | Path, columns: list[str] | None = None) -> pl.DataFrame:
-    """Read a Parquet feature shard as a polars frame, checking its schema version."""
-    return pl.from_arrow(read_feature_table(path, columns))
-
-
 @dataclasses.dataclass(frozen=True)
 class RaggedColumn:
     """A per-box column as one array: row ``i`` is ``values[offsets[i]:offsets[i + 1]]``."""
@@ -263,66 +260,137 @@ def ragged_column(table: pa.Table, name: str) -> RaggedColumn:
 
 def table_to_records(table: pa.Table) -> list[FeatureRecord]:
     """Rows of a feature table as :class:`FeatureRecord` objects (copies; for tests and small shards)."""
-    arrays = {name: ragged_column(table, name) for name in _NPY_MEMBERS}
-    plain = table.drop_columns(list(_NPY_MEMBERS) + ["num_boxes"]).to_pylist()
+    arrays = {name: ragged_column(table, name) for name in _ARRAY_FIELDS}
+    plain = table.drop_columns(list(_ARRAY_FIELDS) + ["num_boxes"]).to_pylist()
     return [
-        FeatureRecord(**row, **{name: np.array(arrays[name].row(i)) for name in _NPY_MEMBERS})
+        FeatureRecord(**row, **{name: np.array(arrays[name].row(i)) for name in _ARRAY_FIELDS})
         for i, row in enumerate(plain)
     ]
 
 
-def _npy_bytes(array: np.ndarray) -> bytes:
+# Packed training shards (``OUT/packed/<shard>.tar``), one WebDataset sample per successful image with three
+# members: ``.jpg`` (the encoded image as stored in the source), ``.json`` (key, caption, tags, image size,
+# detector, box count, format version) and ``.roi.npy.zst`` (one zstd-compressed .npy of a structured array,
+# a record per box: ``roi`` float16 [D], ``geometry`` float32 [6], ``score`` float32). The Parquet feature shard
+# keeps everything else (boxes, labels, class and attribute names).
+PACKED_DIR = "packed"
+PACKED_VERSION = 2
+ROI_MEMBER = "roi.npy.zst"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class PackedSample:
+    """One training sample of a packed shard."""
+
+    key: str
+    caption: str
+    tags: str
+    roi_features: np.ndarray  # [n, D] float16
+    geometry: np.ndarray  # [n, 6] float32
+    scores: np.ndarray  # [n] float32
+    image: bytes | None
+
+
+def _roi_dtype(feature_dim: int) -> np.dtype:
+    return np.dtype([("roi", "<f2", (feature_dim,)), ("geometry", "<f4", (GEOMETRY_DIM,)), ("score", "<f4")])
+
+
+def _zstd(data: bytes) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.CompressedOutputStream(sink, "zstd") as stream:
+        stream.write(data)
+    return sink.getvalue().to_pybytes()
+
+
+def _unzstd(data: bytes) -> bytes:
+    with pa.CompressedInputStream(pa.BufferReader(data), "zstd") as stream:
+        return stream.read()
+
+
+def packed_members(key: str, *, caption: str, tags: str, width: int, height: int, detector: str,
+                   roi_features: np.ndarray, geometry: np.ndarray, scores: np.ndarray,
+                   image: bytes) -> dict[str, bytes | str]:
+    """The WebDataset sample (``__key__`` plus members, see :data:`PACKED_DIR`) of one successful image."""
+    rois = np.zeros(len(scores), _roi_dtype(roi_features.shape[1]))
+    rois["roi"], rois["geometry"], rois["score"] = roi_features, geometry, scores
     buffer = io.BytesIO()
-    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
-    return buffer.getvalue()
+    np.save(buffer, rois, allow_pickle=False)
+    meta = {"key": key, "caption": caption, "tags": tags, "width": width, "height": height, "detector": detector,
+            "num_boxes": len(rois), "packed_version": PACKED_VERSION}
+    return {"__key__": key, "jpg": image, "json": json.dumps(meta).encode(), ROI_MEMBER: _zstd(buffer.getvalue())}
 
 
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0  # deterministic bytes
-    tar.addfile(info, io.BytesIO(data))
+class PackedShardWriter:
+    """Appends samples (:func:`packed_members`) to a packed shard at ``path`` through webdataset's
+    ``TarWriter`` (fixed mtime, so the bytes depend only on the samples); the caller makes it atomic.
+    webdataset is imported here, not with this module: importing it imports torch."""
+
+    def __init__(self, path: str | Path):
+        from webdataset import TarWriter
+
+        self.samples = 0
+        self._file = open(path, "wb")  # noqa: SIM115 - closed in close()
+        self._tar = TarWriter(self._file, encoder=False, mtime=0)
+
+    def write(self, members: dict[str, bytes | str]) -> None:
+        self._tar.write(members)
+        self.samples += 1
+
+    def close(self) -> None:
+        self._tar.close()
+        self._file.close()
 
 
-def write_webdataset_shard(path: str | Path, records: Iterable[FeatureRecord],
-                           images: dict[str, bytes] | None = None) -> Path:
-    """Write ``records`` as a WebDataset tar, atomically: per key ``.json`` (scalars, names, attributes),
-    ``.txt`` (caption), ``.boxes.npy``, ``.geometry.npy``, ``.roi.npy``, ``.labels.npy``, ``.scores.npy``
-    and, when ``images`` has the key, ``.jpg`` (the encoded image, for packed training shards)."""
-    with atomic_path(path) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for r in records:
-            meta = {f.name: getattr(r, f.name) for f in dataclasses.fields(r) if f.name not in _NPY_MEMBERS}
-            meta["num_boxes"] = r.num_boxes
-            meta["schema_version"] = SCHEMA_VERSION
-            _add_member(tar, f"{r.key}.json", json.dumps(meta).encode())
-            if r.caption is not None:
-                _add_member(tar, f"{r.key}.txt", r.caption.encode())
-            for field, suffix in _NPY_MEMBERS.items():
-                _add_member(tar, f"{r.key}.{suffix}", _npy_bytes(getattr(r, field)))
-            if images and r.key in images:
-                _add_member(tar, f"{r.key}.jpg", images[r.key])
+def packed_samples(table: pa.Table) -> Iterator[dict[str, bytes | str]]:
+    """The packed samples (:func:`packed_members`) of the successful rows of ``table``, a feature table with an
+    extra binary column ``image`` (the encoded image of each row), in row order."""
+    plain = table.select(["key", "status", "caption", "tags", "width", "height", "detector", "image"]).to_pydict()
+    arrays = {name: ragged_column(table, name) for name in ("roi_features", "geometry", "scores")}
+    for i, status in enumerate(plain["status"]):
+        if status == "success":
+            yield packed_members(plain["key"][i], caption=plain["caption"][i] or "", tags=plain["tags"][i] or "",
+                                 width=plain["width"][i], height=plain["height"][i], detector=plain["detector"][i],
+                                 image=plain["image"][i], **{name: arrays[name].row(i) for name in arrays})
+
+
+def write_packed_shard(path: str | Path, samples: Iterable[dict[str, bytes | str]]) -> Path:
+    """Write ``samples`` (from :func:`packed_members`) as the packed shard ``path``, atomically."""
+    with atomic_path(path) as tmp:
+        writer = PackedShardWriter(tmp)
+        try:
+            for members in samples:
+                writer.write(members)
+        finally:
+            writer.close()
     return Path(path)
 
 
-def sample_to_record(sample: dict[str, bytes | str], source: str = "<sample>") -> FeatureRecord:
-    """Turn one WebDataset sample (suffix -> raw bytes, as ``webdataset`` or :func:`read_webdataset_shard`
-    yields it) back into a :class:`FeatureRecord`, checking the schema version."""
-    if "json" not in sample:
-        raise CorruptShardError(f"{source}: a sample lacks its json member")
-    meta = json.loads(sample["json"])
-    version = meta.pop("schema_version", None)
-    if version != SCHEMA_VERSION:
-        raise SchemaVersionError(f"{source}: sample {meta.get('key')} has schema version {version}, "
-                                 f"this softclip reads version {SCHEMA_VERSION}")
-    meta.pop("num_boxes", None)
-    missing = [suffix for suffix in _NPY_MEMBERS.values() if suffix not in sample]
-    if missing:
-        raise CorruptShardError(f"{source}: sample {meta.get('key')} lacks its {', '.join(missing)} member(s)")
+def read_packed_sample(sample: dict[str, bytes], source: str = "<sample>") -> PackedSample:
+    """One WebDataset sample of a packed shard (suffix -> bytes, as webdataset's iterators yield it).
+
+    Raises:
+        SchemaVersionError: another packed format (re-extract with ``--pack``).
+        CorruptShardError: a member is missing or does not parse.
+    """
+    if "json" not in sample or ROI_MEMBER not in sample:
+        raise CorruptShardError(f"{source}: sample {sample.get('__key__')} lacks its json or {ROI_MEMBER} member")
     try:
-        arrays = {field: load_npy(sample[suffix]) for field, suffix in _NPY_MEMBERS.items()}
-    except ValueError as err:
-        raise CorruptShardError(f"{source}: sample {meta.get('key')}: {err}") from err
-    return FeatureRecord(**meta, **arrays)
+        meta = json.loads(sample["json"])
+        version = meta.get("packed_version")
+        if version != PACKED_VERSION:
+            raise SchemaVersionError(f"{source}: sample {meta.get('key')} is packed format {version}, this softclip "
+                                     f"reads format {PACKED_VERSION}; re-extract with --pack")
+        rois = load_npy(_unzstd(sample[ROI_MEMBER]))
+        if rois.dtype.names != ("roi", "geometry", "score"):
+            raise ValueError(f"{ROI_MEMBER} has fields {rois.dtype.names}, expected roi, geometry, score")
+    except SchemaVersionError:
+        raise
+    except (ValueError, OSError, pa.ArrowException) as err:  # bad json, truncated zstd stream, bad .npy
+        raise CorruptShardError(f"{source}: sample {sample.get('__key__')}: {err}") from err
+    return PackedSample(key=meta["key"], caption=meta["caption"], tags=meta["tags"],
+                        roi_features=np.ascontiguousarray(rois["roi"]),
+                        geometry=np.ascontiguousarray(rois["geometry"]), scores=np.ascontiguousarray(rois["score"]),
+                        image=sample.get("jpg"))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -352,21 +420,3 @@ def load_npy(data: bytes) -> np.ndarray:
                          f"the member has {len(data) - start}")
     array = np.frombuffer(data, dtype=dtype, count=count, offset=start)
     return array.reshape(shape, order="F" if fortran_order else "C").copy(order="K")
-
-
-def read_webdataset_shard(path: str | Path) -> Iterator[tuple[FeatureRecord, bytes | None]]:
-    """Yield ``(record, image_bytes_or_None)`` from a feature WebDataset tar, in file order."""
-    with tarfile.open(path, "r") as tar:
-        sample: dict[str, bytes] = {}
-        current = None
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, _, suffix = member.name.partition(".")
-            if current is not None and key != current:
-                yield sample_to_record(sample, str(path)), sample.get("jpg")
-                sample = {}
-            current = key
-            sample[suffix] = tar.extractfile(member).read()
-        if current is not None:
-            yield sample_to_record(sample, str(path)), sample.get("jpg")
