@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from softclip.extract.manifest import Manifest
 from softclip.extract.stages import error_reason
-from softclip.pipeline.io import file_sha256, temporary_file_beside
+from softclip.pipeline.io import HashingWriter, file_sha256, temporary_file_beside
 from softclip.pipeline.shards import PACKED_DIR, PackedShardWriter, feature_schema, packed_samples
 
 __all__ = ["IncompleteShardsError", "ShardAssembler", "feature_path", "packed_ok", "packed_path",
@@ -85,6 +85,7 @@ def remove_stale_temporaries(out_dir: Path) -> int:
 class _OpenShard:
     name: str
     tmp: Path
+    file: HashingWriter | None = None
     writer: pq.ParquetWriter | None = None
     packed_tmp: Path | None = None
     packed: PackedShardWriter | None = None
@@ -182,7 +183,8 @@ class ShardAssembler:
     def _flush(self, shard: _OpenShard) -> None:
         schema = feature_schema(self.feature_dim or 0)
         if shard.writer is None:
-            shard.writer = pq.ParquetWriter(shard.tmp, schema, compression="zstd", compression_level=3)
+            shard.file = HashingWriter(shard.tmp)
+            shard.writer = pq.ParquetWriter(shard.file, schema, compression="zstd", compression_level=3)
         if shard.buffer:
             rows = pa.concat_tables(shard.buffer).select(schema.names)
             shard.writer.write_table(rows.cast(schema), row_group_size=max(rows.num_rows, 1))
@@ -191,18 +193,19 @@ class ShardAssembler:
     def _commit(self, shard: _OpenShard) -> None:
         self._flush(shard)  # opens the writer even for a shard without samples: an empty, valid file
         shard.writer.close()
+        shard.file.close()
         final = feature_path(self.out_dir, shard.name)
         packed = None
-        if shard.packed is not None:
+        if shard.packed is not None:  # sizes and checksums come from the bytes as written (no second read)
             shard.packed.close()
             packed_final = packed_path(self.out_dir, shard.name)
             os.replace(shard.packed_tmp, packed_final)
             packed = {"file": f"{PACKED_DIR}/{packed_final.name}", "samples": shard.packed.samples,
-                      "bytes": packed_final.stat().st_size, "sha256": file_sha256(packed_final)}
+                      "bytes": shard.packed.file.size, "sha256": shard.packed.file.hexdigest()}
         os.replace(shard.tmp, final)
         entry = {"status": "complete", "file": final.name, "rows": shard.expected, "ok": shard.ok,
-                 "errors": dict(sorted(shard.errors.items())), "boxes": shard.boxes, "bytes": final.stat().st_size,
-                 "sha256": file_sha256(final), "seconds": round(time.perf_counter() - shard.started, 3)}
+                 "errors": dict(sorted(shard.errors.items())), "boxes": shard.boxes, "bytes": shard.file.size,
+                 "sha256": shard.file.hexdigest(), "seconds": round(time.perf_counter() - shard.started, 3)}
         if packed is not None:
             entry["packed"] = {**packed, "feature_sha256": entry["sha256"]}
         self.manifest.record(shard.name, entry)
@@ -217,6 +220,7 @@ class ShardAssembler:
     def _discard(shard: _OpenShard) -> None:
         if shard.writer is not None:
             shard.writer.close()
+            shard.file.close()
         shard.tmp.unlink(missing_ok=True)
         if shard.packed is not None:
             shard.packed.close()

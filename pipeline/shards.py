@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from softclip.pipeline.io import atomic_path
+from softclip.pipeline.io import HashingWriter, atomic_path
 
 __all__ = [
     "GEOMETRY_DIM",
@@ -329,8 +329,8 @@ class PackedShardWriter:
         from webdataset import TarWriter
 
         self.samples = 0
-        self._file = open(path, "wb")  # noqa: SIM115 - closed in close()
-        self._tar = TarWriter(self._file, encoder=False, mtime=0)
+        self.file = HashingWriter(path)  # its size and SHA-256 once closed, without reading the file again
+        self._tar = TarWriter(self.file, encoder=False, mtime=0)
 
     def write(self, members: dict[str, bytes | str]) -> None:
         self._tar.write(members)
@@ -338,7 +338,7 @@ class PackedShardWriter:
 
     def close(self) -> None:
         self._tar.close()
-        self._file.close()
+        self.file.close()
 
 
 def packed_samples(table: pa.Table) -> Iterator[dict[str, bytes | str]]:
