@@ -22,6 +22,7 @@ with its error and the others still run.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import statistics
 import subprocess
@@ -32,7 +33,6 @@ import traceback
 from pathlib import Path
 
 import torch
-from detector import random_images, randomised_detector, throughput
 
 from softclip.extract.detector_config import DetectorConfig
 from softclip.extract.job import run_extraction
@@ -41,26 +41,37 @@ from softclip.pipeline.config import load_config
 from softclip.pipeline.shapes import ShapesConfig, generate
 from softclip.train.losses import SoftCLIPLoss
 from softclip.train.model import build_model
-from train import paired_step_times, synthetic_batch, train_setting
 
 REPO = Path(__file__).resolve().parents[1]
 PARTS = ("detector", "train", "extract_job", "gpu_tests")
 SHAPES_DETECTOR = REPO / "extract" / "weights" / "shapes"
 
 
+def _benchmark(name: str):
+    """The sibling benchmark script ``benchmarks/<name>.py`` as a module (``train`` would otherwise be
+    taken for the repository's train/ folder)."""
+    spec = importlib.util.spec_from_file_location(f"softclip_benchmark_{name}", Path(__file__).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_DETECTOR, _TRAIN = _benchmark("detector"), _benchmark("train")
+
+
 def detector(device: str, smoke: bool) -> dict:
     """Images/s per (precision, memory format, batch size); ``fastest`` is the highest."""
     config = load_config(DetectorConfig, REPO / "extract/configs/shapes.yaml") if smoke else DetectorConfig()
-    model = randomised_detector(config, device)  # DetectorConfig(): X152-C4 with VinVL's test settings
+    model = _DETECTOR.randomised_detector(config, device)  # DetectorConfig(): X152-C4 with VinVL's test settings
     (width, height), batches = ((64, 64), (1, 2)) if smoke else ((1000, 600), (1, 2, 4, 8))
-    images = random_images(max(batches) * 2, width, height)
+    images = _DETECTOR.random_images(max(batches) * 2, width, height)
     precisions = ("none", "bf16") if device == "cuda" else ("none",)  # autocast is CUDA-only in the detector
     runs = []
     for amp in precisions:
         for channels_last in (False, True):
             model.configure(amp=amp, channels_last=channels_last)
             for batch in batches:
-                run = throughput(model, images[: batch * 2], batch, device, repeats=1 if smoke else 2)
+                run = _DETECTOR.throughput(model, images[: batch * 2], batch, device, repeats=1 if smoke else 2)
                 runs.append({"amp": amp, "channels_last": channels_last, **run})
     best = max(runs, key=lambda r: r["images_per_s"])
     return {"arch": model.config.name, "input": f"{height}x{width}", "runs": runs,
@@ -69,15 +80,15 @@ def detector(device: str, smoke: bool) -> dict:
 
 def train(device: str, smoke: bool) -> dict:
     """Samples/s of SoftCLIP and CLIP optimizer steps, taking turns on one model."""
-    setting = train_setting(device == "cuda" and not smoke)
+    setting = _TRAIN.train_setting(device == "cuda" and not smoke)
     if smoke:
         setting = {**setting, "batch": 8}
     torch.manual_seed(0)
     model, _, _, tokenizer = build_model(setting["model"])
     model.to(device)
     steps = 2 if smoke else 15
-    times = paired_step_times(model, {"softclip": SoftCLIPLoss(), "clip": SoftCLIPLoss(lam=0.0, mu=0.0)},
-                              synthetic_batch(setting, tokenizer), torch.device(device), steps)
+    times = _TRAIN.paired_step_times(model, {"softclip": SoftCLIPLoss(), "clip": SoftCLIPLoss(lam=0.0, mu=0.0)},
+                              _TRAIN.synthetic_batch(setting, tokenizer), torch.device(device), steps)
     rate = {name: setting["batch"] / statistics.median(t) for name, t in times.items()}
     return {"model": setting["model"].name, "batch": setting["batch"], "steps": steps,
             "precision": "bf16" if device == "cuda" else "fp32",

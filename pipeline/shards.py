@@ -49,7 +49,6 @@ __all__ = [
     "read_packed_sample",
     "records_to_table",
     "shard_name",
-    "table_to_records",
     "write_parquet_shard",
     "write_packed_shard",
 ]
@@ -58,7 +57,6 @@ SCHEMA_VERSION = 1
 METADATA_VERSION_KEY = b"softclip.schema_version"
 METADATA_FEATURE_DIM_KEY = b"softclip.feature_dim"
 GEOMETRY_DIM = 6
-_ARRAY_FIELDS = ("boxes", "geometry", "roi_features", "labels", "scores")  # per-box numpy fields of a record
 
 
 class SchemaVersionError(ValueError):
@@ -256,16 +254,6 @@ def ragged_column(table: pa.Table, name: str) -> RaggedColumn:
         values = inner.to_numpy(zero_copy_only=False)
     # Slice offsets are absolute into `values` when the column is a slice of a larger buffer.
     return RaggedColumn(values=values, offsets=offsets)
-
-
-def table_to_records(table: pa.Table) -> list[FeatureRecord]:
-    """Rows of a feature table as :class:`FeatureRecord` objects (copies; for tests and small shards)."""
-    arrays = {name: ragged_column(table, name) for name in _ARRAY_FIELDS}
-    plain = table.drop_columns(list(_ARRAY_FIELDS) + ["num_boxes"]).to_pylist()
-    return [
-        FeatureRecord(**row, **{name: np.array(arrays[name].row(i)) for name in _ARRAY_FIELDS})
-        for i, row in enumerate(plain)
-    ]
 
 
 # Packed training shards (``OUT/packed/<shard>.tar``), one WebDataset sample per successful image with three

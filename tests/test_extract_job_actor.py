@@ -18,6 +18,7 @@ import pytest
 import ray
 import torch
 from PIL import Image
+from test_shards import table_to_records
 
 from softclip.extract import job
 from softclip.extract.actor import ROUTING_COLUMNS, DetectorActor, detection_to_record
@@ -38,7 +39,7 @@ from softclip.extract.vinvl import VinVLDetector
 from softclip.extract.writer import IncompleteShardsError, ShardAssembler, remove_stale_temporaries
 from softclip.pipeline.img2dataset import ShardWriter
 from softclip.pipeline.io import file_sha256
-from softclip.pipeline.shards import FeatureRecord, feature_schema, read_feature_table, table_to_records
+from softclip.pipeline.shards import FeatureRecord, feature_schema, read_feature_table
 
 TINY_ARCH = DetectorArch(blocks=(1, 1, 1, 1), groups=2, width_per_group=16, stem_channels=8, res2_channels=32,
                          num_classes=9, num_attributes=11, cls_embed_dim=8, attr_embed_dim=16)

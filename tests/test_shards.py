@@ -24,12 +24,19 @@ from softclip.pipeline.shards import (
     read_packed_sample,
     records_to_table,
     shard_name,
-    table_to_records,
     write_packed_shard,
     write_parquet_shard,
 )
 
 DIM = 16
+
+
+def table_to_records(table: pa.Table) -> list[FeatureRecord]:
+    """Rows of a feature table as :class:`FeatureRecord` objects (the test suite's way to compare rows)."""
+    arrays = {name: ragged_column(table, name) for name in ("boxes", "geometry", "roi_features", "labels", "scores")}
+    plain = table.drop_columns([*arrays, "num_boxes"]).to_pylist()
+    return [FeatureRecord(**row, **{name: np.array(column.row(i)) for name, column in arrays.items()})
+            for i, row in enumerate(plain)]
 
 
 def _record(i, num_boxes, rng):

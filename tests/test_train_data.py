@@ -9,6 +9,7 @@ import tarfile
 import numpy as np
 import pytest
 import torch
+from test_shards import table_to_records
 from webdataset.tariterators import tarfile_samples
 
 from softclip.pipeline.annotation_features import (
@@ -16,7 +17,7 @@ from softclip.pipeline.annotation_features import (
     annotation_roi_features,
     write_annotation_shards,
 )
-from softclip.pipeline.shards import ROI_MEMBER, read_feature_table, read_packed_sample, table_to_records
+from softclip.pipeline.shards import ROI_MEMBER, read_feature_table, read_packed_sample
 from softclip.train.config import DataConfig, ModelConfig
 from softclip.train.data import TrainData, count_samples, expand_shards
 from softclip.train.model import build_model
