@@ -65,8 +65,8 @@ from softclip.extract.stages import read_shard_rows
 from softclip.extract.writer import ShardAssembler, packed_ok, remove_stale_temporaries, stale_temporaries
 from softclip.pipeline.config import save_config
 from softclip.pipeline.io import file_sha256
+from softclip.pipeline.packed import PACKED_DIR
 from softclip.pipeline.registry import resolve_dataset
-from softclip.pipeline.shards import PACKED_DIR
 from softclip.pipeline.sources import open_source
 
 __all__ = ["ExtractSummary", "OutputDirError", "OutputNotEmptyError", "check_detector_files", "check_out_dir",

@@ -31,7 +31,8 @@ import pyarrow.parquet as pq
 from softclip.extract.manifest import Manifest
 from softclip.extract.stages import error_reason
 from softclip.pipeline.io import HashingWriter, file_sha256, temporary_file_beside
-from softclip.pipeline.shards import PACKED_DIR, PackedShardWriter, feature_schema, packed_samples
+from softclip.pipeline.packed import PACKED_DIR, PackedShardWriter, packed_samples
+from softclip.pipeline.shards import feature_schema
 
 __all__ = ["IncompleteShardsError", "ShardAssembler", "feature_path", "packed_ok", "packed_path",
            "remove_stale_temporaries", "stale_temporaries"]

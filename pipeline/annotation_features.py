@@ -16,14 +16,13 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from softclip.pipeline.images import ImageDecodeError, decode_image
+from softclip.pipeline.packed import packed_samples, write_packed_shard
 from softclip.pipeline.shapes import COLOURS, SHAPES
 from softclip.pipeline.shards import (
     FeatureRecord,
     box_geometry,
     error_record,
-    packed_samples,
     records_to_table,
-    write_packed_shard,
     write_parquet_shard,
 )
 from softclip.pipeline.sources import Sample, open_source

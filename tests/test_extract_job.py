@@ -16,7 +16,8 @@ from test_extract_job_actor import BAD_SHARD_EXPECTED, tiny_config, write_bad_so
 from softclip.extract.job import run_extraction
 from softclip.extract.manifest import Manifest, ManifestMismatchError
 from softclip.extract.vinvl import VinVLDetector
-from softclip.pipeline.shards import read_feature_table, read_packed_sample
+from softclip.pipeline.packed import read_packed_sample
+from softclip.pipeline.shards import read_feature_table
 from softclip.pipeline.sources import open_source
 
 TESTS = Path(__file__).resolve().parent

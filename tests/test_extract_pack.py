@@ -16,7 +16,8 @@ from test_extract_job_actor import extract_without_ray, tiny_config, write_bad_s
 from softclip.extract import job
 from softclip.extract.manifest import Manifest
 from softclip.extract.writer import packed_ok
-from softclip.pipeline.shards import ragged_column, read_feature_table, read_packed_sample
+from softclip.pipeline.packed import read_packed_sample
+from softclip.pipeline.shards import ragged_column, read_feature_table
 from softclip.pipeline.sources import open_source
 
 

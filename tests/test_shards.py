@@ -8,9 +8,14 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
-from softclip.pipeline.shards import (
+from softclip.pipeline.packed import (
     PACKED_VERSION,
     ROI_MEMBER,
+    packed_samples,
+    read_packed_sample,
+    write_packed_shard,
+)
+from softclip.pipeline.shards import (
     SCHEMA_VERSION,
     CorruptShardError,
     FeatureRecord,
@@ -18,13 +23,10 @@ from softclip.pipeline.shards import (
     box_geometry,
     error_record,
     load_npy,
-    packed_samples,
     ragged_column,
     read_feature_table,
-    read_packed_sample,
     records_to_table,
     shard_name,
-    write_packed_shard,
     write_parquet_shard,
 )
 

@@ -17,7 +17,8 @@ from softclip.pipeline.annotation_features import (
     annotation_roi_features,
     write_annotation_shards,
 )
-from softclip.pipeline.shards import ROI_MEMBER, read_feature_table, read_packed_sample
+from softclip.pipeline.packed import ROI_MEMBER, read_packed_sample
+from softclip.pipeline.shards import read_feature_table
 from softclip.train.config import DataConfig, ModelConfig
 from softclip.train.data import TrainData, count_samples, expand_shards
 from softclip.train.model import build_model

@@ -33,7 +33,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import tarfile_samples
 
 from softclip.pipeline.images import ImageDecodeError, decode_image
-from softclip.pipeline.shards import ragged_column, read_feature_table, read_packed_sample
+from softclip.pipeline.packed import read_packed_sample
+from softclip.pipeline.shards import ragged_column, read_feature_table
 from softclip.pipeline.sources import open_source
 from softclip.train.config import DataConfig, resolve_data_path
 
