@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from softclip.extract.manifest import Manifest
 from softclip.extract.stages import error_reason
 from softclip.pipeline.io import HashingWriter, file_sha256, temporary_file_beside
-from softclip.pipeline.packed import PACKED_DIR, PackedShardWriter, packed_samples
+from softclip.pipeline.packed import PACKED_DIR, PACKED_VERSION, PackedShardWriter, packed_samples
 from softclip.pipeline.shards import feature_schema
 
 __all__ = ["IncompleteShardsError", "ShardAssembler", "feature_path", "packed_ok", "packed_path",
@@ -53,10 +53,10 @@ def packed_path(out_dir: Path, shard: str) -> Path:
 
 
 def packed_ok(out_dir: Path, entry: dict[str, Any], verify: str) -> bool:
-    """Whether a manifest entry's packed shard exists, was packed from its feature file, and still matches
-    the recorded size (and, with ``verify="checksum"``, checksum)."""
+    """Whether a manifest entry's packed shard exists in this softclip's packed format, was packed with its
+    feature file, and still matches the recorded size (and, with ``verify="checksum"``, checksum)."""
     packed = entry.get("packed")
-    if not packed or packed["feature_sha256"] != entry.get("sha256"):
+    if not packed or packed["feature_sha256"] != entry.get("sha256") or packed.get("format") != PACKED_VERSION:
         return False
     path = out_dir / packed["file"]
     if not path.is_file() or path.stat().st_size != packed["bytes"]:
@@ -201,7 +201,7 @@ class ShardAssembler:
             shard.packed.close()
             packed_final = packed_path(self.out_dir, shard.name)
             os.replace(shard.packed_tmp, packed_final)
-            packed = {"file": f"{PACKED_DIR}/{packed_final.name}", "samples": shard.packed.samples,
+            packed = {"file": f"{PACKED_DIR}/{packed_final.name}", "format": PACKED_VERSION, "samples": shard.packed.samples,
                       "bytes": shard.packed.file.size, "sha256": shard.packed.file.hexdigest()}
         os.replace(shard.tmp, final)
         entry = {"status": "complete", "file": final.name, "rows": shard.expected, "ok": shard.ok,

@@ -56,6 +56,12 @@ def test_a_complete_shard_without_its_packed_tar_is_extracted_again_with_pack(tm
     job.run_extraction(cfg.replace(pack=True))
     assert seen == [["00002"], ["00000", "00001", "00002", "00003"]]
     assert "packed" not in Manifest.load(cfg.out).shards.get("00000", {})
+    extract_without_ray(cfg.replace(pack=True), ["00000", "00001", "00003"])  # now packed ...
+    manifest = Manifest.load(cfg.out)
+    manifest.shards["00001"]["packed"]["format"] = 1  # ... but 00001 in an older packed format
+    manifest.save()
+    job.run_extraction(cfg.replace(pack=True))
+    assert seen[-1] == ["00001", "00002"]
 
 
 @pytest.mark.parametrize("pack", [False, True])
