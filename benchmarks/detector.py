@@ -27,7 +27,7 @@ from softclip.extract.vinvl import VinVLDetector
 from softclip.pipeline.config import load_config
 
 
-def _randomised(cfg: DetectorConfig, device: str) -> VinVLDetector:
+def randomised_detector(cfg: DetectorConfig, device: str) -> VinVLDetector:
     torch.manual_seed(0)
     arch = cfg.arch
     model = VinVLDetector(cfg, class_names=[f"c{i}" for i in range(arch.num_classes)],
@@ -39,7 +39,7 @@ def _randomised(cfg: DetectorConfig, device: str) -> VinVLDetector:
     return model.to(device).eval()
 
 
-def _images(n: int, width: int, height: int, seed: int = 0) -> list[Image.Image]:
+def random_images(n: int, width: int, height: int, seed: int = 0) -> list[Image.Image]:
     rng = np.random.default_rng(seed)
     return [Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)) for _ in range(n)]
 
@@ -103,8 +103,8 @@ def throughput(model: VinVLDetector, images: list[Image.Image], batch_size: int,
 
 def _cpu_runs(args: argparse.Namespace) -> dict:
     cfg = load_config(DetectorConfig, "extract/configs/shapes.yaml")
-    shapes = _randomised(cfg, "cpu")
-    images = _images(32, 64, 64)
+    shapes = randomised_detector(cfg, "cpu")
+    images = random_images(32, 64, 64)
     result = {
         "shapes_variant": {
             "input": f"64x64 -> {cfg.test.min_size}x{cfg.test.min_size}", "arch": cfg.name,
@@ -118,8 +118,8 @@ def _cpu_runs(args: argparse.Namespace) -> dict:
     if not args.skip_x152:
         settings = DetectorSettings(min_size=args.x152_min_size, max_size=args.x152_max_size,
                                     post_nms_top_n=args.x152_post_nms_top_n)
-        x152 = _randomised(DetectorConfig(name="vinvl_x152c4", arch=DetectorArch(), test=settings), "cpu")
-        image = _images(1, 1000, 600, seed=1)
+        x152 = randomised_detector(DetectorConfig(name="vinvl_x152c4", arch=DetectorArch(), test=settings), "cpu")
+        image = random_images(1, 1000, 600, seed=1)
         result["x152_cpu_reduced"] = {
             "note": f"X152-C4 batch 1 fp32 on CPU at REDUCED input (short side {args.x152_min_size}, long <= "
                     f"{args.x152_max_size}) and post_nms_top_n={args.x152_post_nms_top_n} (VinVL: 600/1000/300)",
@@ -131,8 +131,8 @@ def _cpu_runs(args: argparse.Namespace) -> dict:
 
 def _gpu_runs(args: argparse.Namespace) -> dict:
     device = args.device
-    base = _randomised(DetectorConfig(), device)
-    images = _images(args.gpu_images, 1000, 600)
+    base = randomised_detector(DetectorConfig(), device)
+    images = random_images(args.gpu_images, 1000, 600)
     runs = [throughput(base, images, 1, device, args.repeats)]
     split = {"fp32_b1": stage_split(base, images[:1], device)}
     for amp in ("bf16", "fp16"):

@@ -15,7 +15,12 @@ CC3M's 3.3M images, next to VinVL's released float32 features (about 960 GB, i.e
 image at 8 KiB per float32 box). Random weights make features more compressible than trained ones, so the
 raw float16 size (no compression) is reported as the upper bound.
 
-    python benchmarks/extract_job.py [--images 400] [--storage-images 24]
+Bytes read (``--reads``, needs ``strace``): one ``softclip extract --pack`` run of the shapes world as a
+subprocess under ``strace``, summing every ``read`` of a file in the dataset folder and in the output folder
+(the Ray workers included), next to the dataset's size; plus packed and source bytes per image and the
+run's wall and start-up seconds.
+
+    python benchmarks/extract_job.py [--images 400] [--storage-images 24] [--reads]
 """
 
 from __future__ import annotations
@@ -23,6 +28,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -105,6 +114,67 @@ def storage(work: Path, num_images: int) -> dict:
             "vinvl_released_float32_gb": VINVL_CC3M_FLOAT32_GB}
 
 
+_READ_CALL = re.compile(r"^(\d+)\s+(?:read|pread64|readv|preadv|preadv2)\((\d+)<([^>]*)>(.*)$")
+_RESUMED = re.compile(r"^(\d+)\s+<\.\.\. \w+ resumed>.*\)\s+=\s+(\d+)")
+_RESULT = re.compile(r"\)\s+=\s+(\d+)")
+
+
+def traced_read_bytes(trace: Path, folders: dict[str, Path]) -> dict[str, int]:
+    """Bytes returned by read calls on files under each of ``folders``, from an ``strace -f -y`` log
+    (calls interrupted by another thread are matched with their ``resumed`` line by process id)."""
+    totals = dict.fromkeys(folders, 0)
+    pending: dict[str, str] = {}
+    prefixes = {name: str(folder.resolve()) + os.sep for name, folder in folders.items()}
+    for line in trace.read_text(errors="replace").splitlines():
+        call, resumed = _READ_CALL.match(line), _RESUMED.match(line)
+        if call:
+            pid, path, rest = call.group(1), call.group(3), call.group(4)
+            if rest.endswith("<unfinished ...>"):
+                pending[pid] = path
+                continue
+            result = _RESULT.search(rest)
+            size = int(result.group(1)) if result else 0
+        elif resumed and resumed.group(1) in pending:
+            path, size = pending.pop(resumed.group(1)), int(resumed.group(2))
+        else:
+            continue
+        for name, prefix in prefixes.items():
+            if path.startswith(prefix):
+                totals[name] += size
+    return totals
+
+
+def bytes_read(work: Path, num_images: int, weights: Path | None, labelmap: Path | None,
+               shapes_config: Path) -> dict:
+    """One ``softclip extract --pack`` under strace: bytes read from the dataset and the output folder."""
+    if shutil.which("strace") is None:
+        raise FileNotFoundError("--reads needs strace on PATH (apt-get install strace)")
+    world = work / "world-reads"
+    generate(world, ShapesConfig(num_train=num_images, num_retrieval=0, num_classification_per_class=0,
+                                 samples_per_shard=100), progress=False)
+    if weights is None:
+        weights, labelmap = _random_detector(work / "detector", load_config(DetectorConfig, shapes_config))
+    out, trace = work / "features-reads", work / "reads.strace"
+    command = [sys.executable, "-m", "softclip", "extract", "--dataset", str(world / "train"), "--weights",
+               str(weights), "--labelmap", str(labelmap), "--out", str(out), "--pack", "--config",
+               str(REPO / "extract" / "configs" / "extract-shapes.yaml"), "--set",
+               f"detector_overrides.config={shapes_config}"]
+    subprocess.run(["strace", "-f", "--seccomp-bpf", "-qq", "-y", "-e", "trace=read,pread64,readv,preadv,preadv2",
+                    "-e", "signal=none", "-o", str(trace), *command], check=True, capture_output=True)
+    reads = traced_read_bytes(trace, {"dataset": world / "train", "output": out})
+    tars = sorted((world / "train").glob("*.tar"))
+    source_bytes = sum(p.stat().st_size for p in tars)
+    packed_bytes = sum(p.stat().st_size for p in (out / "packed").glob("*.tar"))
+    run = json.loads((out / "manifest.json").read_text())["runs"][-1]
+    return {"images": num_images, "dataset_tar_bytes": source_bytes, "read_dataset_bytes": reads["dataset"],
+            "read_output_bytes": reads["output"], "read_dataset_ratio": round(reads["dataset"] / source_bytes, 3),
+            "read_total_ratio": round((reads["dataset"] + reads["output"]) / source_bytes, 3),
+            "source_bytes_per_image": round(source_bytes / num_images),
+            "packed_bytes_per_image": round(packed_bytes / num_images),
+            "packed_to_source_ratio": round(packed_bytes / source_bytes, 3),
+            "seconds": run["seconds"], "startup_seconds": run.get("startup_seconds")}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=400)
@@ -112,8 +182,14 @@ def main() -> None:
     parser.add_argument("--weights", type=Path)
     parser.add_argument("--labelmap", type=Path)
     parser.add_argument("--detector-config", type=Path, default=REPO / "extract" / "configs" / "shapes.yaml")
+    parser.add_argument("--reads", action="store_true", help="Only the bytes-read measurement (needs strace).")
     args = parser.parse_args()
     start = time.perf_counter()
+    if args.reads:
+        with tempfile.TemporaryDirectory() as tmp:
+            result = bytes_read(Path(tmp), args.images, args.weights, args.labelmap, args.detector_config)
+        print(json.dumps({**result, "seconds_total": round(time.perf_counter() - start, 1)}, indent=2))
+        return
     ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)  # 2 actors x 1 CPU + 1 for reading
     try:
         with tempfile.TemporaryDirectory() as tmp:

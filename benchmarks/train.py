@@ -33,14 +33,14 @@ from softclip.train.losses import SoftCLIPLoss
 from softclip.train.model import build_model
 
 
-def _setting(cuda: bool) -> dict:
+def train_setting(cuda: bool) -> dict:
     if cuda:
         return {"model": ModelConfig(name="RN50", roi_feature_dim=2048), "batch": 256, "boxes": 50, "size": 224}
     return {"model": ModelConfig(name="shapes-tiny", roi_feature_dim=ANNOTATION_FEATURE_DIM, roi_width=128,
                                  roi_heads=4), "batch": 64, "boxes": 6, "size": 64}
 
 
-def _synthetic_batch(setting: dict, tokenizer) -> dict:
+def synthetic_batch(setting: dict, tokenizer) -> dict:
     gen = torch.Generator().manual_seed(0)
     b, m, d = setting["batch"], setting["boxes"], setting["model"].roi_feature_dim
     return {"images": torch.randn(b, 3, setting["size"], setting["size"], generator=gen),
@@ -50,7 +50,7 @@ def _synthetic_batch(setting: dict, tokenizer) -> dict:
             "roi_mask": torch.rand(b, m, generator=gen) > 0.3}
 
 
-def _paired_step_times(model, loss_fns: dict[str, SoftCLIPLoss], batch, device, steps: int) -> dict[str, list[float]]:
+def paired_step_times(model, loss_fns: dict[str, SoftCLIPLoss], batch, device, steps: int) -> dict[str, list[float]]:
     """Seconds of each optimizer step, per loss; the losses take turns step by step (each with its own
     AdamW state on the same model) after one warm-up step each."""
     cfg = TrainConfig(run_dir=Path("unused"), model=ModelConfig(name="x"), data=DataConfig(train_shards="x"),
@@ -92,17 +92,17 @@ def main() -> None:
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    setting = _setting(cuda)
+    setting = train_setting(cuda)
     torch.manual_seed(0)
     model, preprocess, _, tokenizer = build_model(setting["model"])
     model.to(device)
-    batch = _synthetic_batch(setting, tokenizer)
-    times = _paired_step_times(model, {"softclip": SoftCLIPLoss(), "clip": SoftCLIPLoss(lam=0.0, mu=0.0)},
+    batch = synthetic_batch(setting, tokenizer)
+    times = paired_step_times(model, {"softclip": SoftCLIPLoss(), "clip": SoftCLIPLoss(lam=0.0, mu=0.0)},
                                batch, device, args.steps)
     rate = {name: setting["batch"] / statistics.median(t) for name, t in times.items()}
     pair_ratios = [c / s for s, c in zip(times["softclip"], times["clip"])]
     quartiles = statistics.quantiles(pair_ratios, n=4)
-    data_rate = _data_rate(_setting(False), *_cpu_transforms(), args.data_samples, args.workers)
+    data_rate = _data_rate(train_setting(False), *_cpu_transforms(), args.data_samples, args.workers)
     print(json.dumps({
         "device": torch.cuda.get_device_name() if cuda else "cpu", "torch_threads": torch.get_num_threads(),
         "model": setting["model"].name, "batch": setting["batch"], "image_size": setting["size"],
@@ -116,7 +116,7 @@ def main() -> None:
 
 
 def _cpu_transforms():
-    _, preprocess, _, tokenizer = build_model(_setting(False)["model"])
+    _, preprocess, _, tokenizer = build_model(train_setting(False)["model"])
     return preprocess, tokenizer
 
 

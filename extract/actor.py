@@ -4,35 +4,31 @@
 batch of feature rows in ``__call__`` under ``torch.inference_mode()``. Resources (GPUs, CPUs, number
 of actors) are chosen at the ``map_batches`` call site in :mod:`extract.job`, never here.
 
-A feature row travels as columns (:data:`FEATURE_COLUMNS`): scalars, the per-box arrays as object
-arrays of numpy arrays, and the per-box names and attributes as one JSON string. :func:`batch_to_records`
-turns such a batch back into :class:`pipeline.shards.FeatureRecord` objects for the writer.
+Feature rows leave the actor in one form, an Arrow table (:func:`feature_batch`): the feature shard's
+columns (:func:`pipeline.shards.feature_schema`) plus :data:`ROUTING_COLUMNS` (where the row goes, the encoded
+image for packing, timings). The writer on the driver appends them to the shard files as they are.
 """
 
 from __future__ import annotations
 
 import importlib
-import json
 import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 from PIL import Image
 
 from softclip.extract.job_config import ExtractConfig
 from softclip.extract.vinvl import format_tags
-from softclip.pipeline.shards import FeatureRecord, error_record
+from softclip.pipeline.shards import FeatureRecord, error_record, records_to_table
 
-__all__ = ["FEATURE_COLUMNS", "DetectorActor", "batch_to_records", "detection_to_record", "load_detector",
-           "records_to_batch", "resolve_loader"]
+__all__ = ["ROUTING_COLUMNS", "DetectorActor", "detection_to_record", "feature_batch", "load_detector",
+           "resolve_loader"]
 
-_ARRAY_FIELDS = ("boxes", "geometry", "roi_features", "labels", "scores")
-_NAME_FIELDS = ("class_names", "attr_labels", "attr_names", "attr_scores")
-_ROW_FIELDS = ("key", "shard", "index", "shard_total", "shard_error")
-FEATURE_COLUMNS = (*_ROW_FIELDS, "width", "height", "status", "error", "caption", "tags", "detector",
-                   "feature_dim", "detect_seconds", "actor_seconds", *_ARRAY_FIELDS, "names")
+ROUTING_COLUMNS = ("index", "shard_total", "shard_error", "image", "detect_seconds", "actor_seconds")
 
 
 def resolve_loader(spec: str) -> Callable[..., Any]:
@@ -95,39 +91,21 @@ def detection_to_record(det: dict[str, Any], *, key: str, shard: str, width: int
     )
 
 
-def records_to_batch(records: list[FeatureRecord], rows: dict[str, np.ndarray], feature_dim: int,
-                     timings: dict[str, float] | None = None) -> dict[str, np.ndarray]:
-    """Columns of ``records`` plus the routing columns (:data:`_ROW_FIELDS`) copied from ``rows``; the
-    batch's ``detect_seconds`` and ``actor_seconds`` are spread evenly over its rows."""
-    out: dict[str, np.ndarray] = {name: np.asarray(rows[name]) for name in _ROW_FIELDS}
-    out["feature_dim"] = np.full(len(records), feature_dim, np.int32)
-    for name in ("detect_seconds", "actor_seconds"):
-        out[name] = np.full(len(records), (timings or {}).get(name, 0.0) / max(len(records), 1), np.float64)
-    for name in ("width", "height"):
-        out[name] = np.array([getattr(r, name) for r in records], np.int32)
-    for name in ("status", "error", "caption", "tags", "detector"):
-        out[name] = np.array([getattr(r, name) or "" for r in records], dtype=object).astype(str)
-    for name in _ARRAY_FIELDS:
-        column = np.empty(len(records), dtype=object)
-        column[:] = [getattr(r, name) for r in records]
-        out[name] = column
-    out["names"] = np.array([json.dumps({f: getattr(r, f) for f in _NAME_FIELDS}) for r in records])
-    return out
-
-
-def batch_to_records(batch: dict[str, np.ndarray], feature_dim: int) -> list[FeatureRecord]:
-    """The sample rows of a detector-stage batch as records (end-of-shard markers are skipped)."""
-    records = []
-    for i in np.flatnonzero(np.asarray(batch["index"]) >= 0):
-        arrays = {name: np.asarray(batch[name][i]) for name in _ARRAY_FIELDS}
-        arrays["roi_features"] = arrays["roi_features"].reshape(-1, feature_dim)
-        records.append(FeatureRecord(
-            key=str(batch["key"][i]), shard=str(batch["shard"][i]), width=int(batch["width"][i]),
-            height=int(batch["height"][i]), status=str(batch["status"][i]), error=str(batch["error"][i]) or None,
-            caption=str(batch["caption"][i]) or None, tags=str(batch["tags"][i]),
-            detector=str(batch["detector"][i]), **arrays, **json.loads(str(batch["names"][i])),
-        ))
-    return records
+def feature_batch(records: list[FeatureRecord], rows: dict[str, np.ndarray], feature_dim: int,
+                  timings: dict[str, float] | None = None) -> pa.Table:
+    """The one row form from the actor to the writer: ``records`` as a feature table
+    (:func:`pipeline.shards.records_to_table`) plus the routing columns (:data:`ROUTING_COLUMNS`) copied from
+    ``rows``; the batch's ``detect_seconds`` and ``actor_seconds`` are spread evenly over its rows."""
+    table = records_to_table(records, feature_dim)
+    share = {name: (timings or {}).get(name, 0.0) / max(len(records), 1) for name in ("detect_seconds", "actor_seconds")}
+    columns = {"index": pa.array(np.asarray(rows["index"], np.int64)),
+               "shard_total": pa.array(np.asarray(rows["shard_total"], np.int64)),
+               "shard_error": pa.array([str(e) for e in rows["shard_error"]], pa.string()),
+               "image": pa.array([bytes(b) for b in rows["image"]], pa.binary()),
+               **{name: pa.array(np.full(len(records), value)) for name, value in share.items()}}
+    for name, column in columns.items():
+        table = table.append_column(name, column)
+    return table
 
 
 def _actor_device(cfg: ExtractConfig) -> str:
@@ -143,7 +121,7 @@ class DetectorActor:
     Example (no Ray needed; ``batch`` holds the columns :data:`extract.stages.ROW_COLUMNS` of rows from
     :func:`extract.stages.read_shard_rows`, as ``map_batches`` hands them over)::
 
-        features = DetectorActor(cfg)(batch)  # columns: FEATURE_COLUMNS
+        features = DetectorActor(cfg)(batch)  # an Arrow table, see feature_batch
     """
 
     def __init__(self, cfg: ExtractConfig):
@@ -162,7 +140,7 @@ class DetectorActor:
         return error_record(str(rows["key"][i]), str(rows["shard"][i]), error, feature_dim=self.feature_dim,
                             detector=self.detector_id, caption=str(rows["caption"][i]) or None)
 
-    def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(self, rows: dict[str, np.ndarray]) -> pa.Table:
         """Detect on the rows without an error; every input row gives exactly one output row."""
         errors = [str(e) for e in rows["error"]]
         todo = [i for i, e in enumerate(errors) if not e and rows["index"][i] >= 0]
@@ -184,4 +162,4 @@ class DetectorActor:
         end = time.perf_counter()
         timings = {"detect_seconds": seconds, "actor_seconds": end - self._last_call_end}
         self._last_call_end = end
-        return records_to_batch(records, rows, self.feature_dim, timings)
+        return feature_batch(records, rows, self.feature_dim, timings)

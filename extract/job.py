@@ -5,12 +5,20 @@ Design (shard-granular, streaming, detector-bound)::
     driver: list source shards, drop those the manifest verifies      (resume)
       -> ray.data.from_items([{spec, shard}], one block per shard)
       -> flat_map(read_shard_rows)             CPU tasks: read the tar, decode + validate every image,
-                                               emit one row per sample, then an end-of-shard marker
+                                               emit one row per sample (pixels, and with --pack the
+                                               encoded image), then an end-of-shard marker
       -> map_batches(DetectorActor, compute=ActorPoolStrategy(size=N), num_gpus=1 | 0, batch_size=B)
-                                               stateful actors: the model loads once per actor
+                                               stateful actors: the model loads once per actor; out
+                                               come Arrow tables (extract.actor.feature_batch)
       -> iter_batches on the driver -> ShardAssembler: append row groups to a temporary file per
-                                               shard, rename it into place when all its rows are in,
-                                               record it (row count, SHA-256) in manifest.json
+                                               shard (and, with --pack, each sample to a temporary
+                                               packed tar), rename them into place when all its rows
+                                               are in, record them (rows, SHA-256) in manifest.json
+
+*One pass*: with ``pack`` the packed training shard is written from the same rows as the Parquet shard,
+so the source is read once; a complete shard whose packed tar is missing or stale is extracted again.
+*Driver stays light*: this module and the writer import neither torch nor the detector; the actor class
+is imported by the workers only (:class:`_Detector`).
 
 *Streaming*: Ray's streaming executor keeps a bounded number of blocks in flight (backpressure), and
 the driver holds at most one row group per open shard, so memory does not grow with the dataset.
@@ -49,18 +57,17 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import pyarrow.compute as pc
 from tqdm import tqdm
 
-from softclip.extract.actor import DetectorActor
-from softclip.extract.checkpoint import CheckpointError, infer_arch, read_labelmap_for, read_state_dict
 from softclip.extract.job_config import DEFAULT_LOADER, ExtractConfig
 from softclip.extract.manifest import MANIFEST_NAME, Manifest, source_failure_totals
-from softclip.extract.pack import PACKED_DIR, pack_directory
 from softclip.extract.ray_local import start_local_ray, stop_local_ray
 from softclip.extract.stages import read_shard_rows
-from softclip.extract.writer import ShardAssembler, remove_stale_temporaries, stale_temporaries
+from softclip.extract.writer import ShardAssembler, packed_ok, remove_stale_temporaries, stale_temporaries
 from softclip.pipeline.config import save_config
 from softclip.pipeline.io import file_sha256
+from softclip.pipeline.packed import PACKED_DIR
 from softclip.pipeline.registry import resolve_dataset
 from softclip.pipeline.sources import img2dataset_stats, open_source
 
@@ -174,6 +181,8 @@ def check_detector_files(cfg: ExtractConfig) -> None:
     """
     if cfg.loader != DEFAULT_LOADER:
         return
+    from softclip.extract.checkpoint import CheckpointError, infer_arch, read_labelmap_for, read_state_dict
+
     arch = infer_arch(read_state_dict(cfg.weights), str(cfg.weights))
     classes, attributes = read_labelmap_for(cfg.weights, cfg.labelmap)
     if (len(classes), len(attributes)) != (arch.num_classes, arch.num_attributes):
@@ -235,6 +244,19 @@ def _actor_plan(cfg: ExtractConfig) -> tuple[ExtractConfig, int, float]:
     return cfg.replace(torch_threads=threads), actors, 0.0
 
 
+class _Detector:
+    """The detector stage as Ray instantiates it in a worker: importing :mod:`extract.actor` (torch, the
+    detector) happens there, never in the driver."""
+
+    def __init__(self, cfg: ExtractConfig):
+        from softclip.extract.actor import DetectorActor
+
+        self.actor = DetectorActor(cfg)
+
+    def __call__(self, rows: dict[str, Any]) -> Any:
+        return self.actor(rows)
+
+
 def _dataset(cfg: ExtractConfig, spec: str, shards: list[str], actors: int, gpus: float):
     import ray
 
@@ -255,9 +277,10 @@ def _pipeline(cfg: ExtractConfig, items: list[dict[str, str]], actors: int, gpus
             .flat_map(read_shard_rows, fn_kwargs={"max_pixels": cfg.max_pixels,
                                                    "require_caption": cfg.require_caption,
                                                    "max_member_bytes": cfg.max_member_bytes,
-                                                   "max_caption_chars": cfg.max_caption_chars},
+                                                   "max_caption_chars": cfg.max_caption_chars,
+                                                   "keep_image": cfg.pack},
                       max_retries=cfg.ray_retries)  # Ray Data's default retries a dying task forever
-            .map_batches(DetectorActor, fn_constructor_kwargs={"cfg": cfg},
+            .map_batches(_Detector, fn_constructor_kwargs={"cfg": cfg},
                          compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=gpus or None,
                          num_cpus=cfg.cpus_per_actor if not gpus else None, batch_size=cfg.batch_size,
                          batch_format="numpy", max_restarts=cfg.ray_retries, max_task_retries=cfg.ray_retries))
@@ -269,17 +292,17 @@ def _run_pending(cfg: ExtractConfig, spec: str, pending: list[str], manifest: Ma
     counts and timings."""
     cfg, actors, gpus = _actor_plan(cfg)
     first: float | None = None
-    assembler = ShardAssembler(cfg.out, manifest, row_group_size=cfg.row_group_size)
+    assembler = ShardAssembler(cfg.out, manifest, row_group_size=cfg.row_group_size, pack=cfg.pack)
     images, detector_seconds, actor_seconds, written = 0, 0.0, 0.0, 0
     with tqdm(total=total, unit="img", desc="extract", disable=not cfg.progress, dynamic_ncols=True) as bar:
         try:
             for batch in _dataset(cfg, spec, pending, actors, gpus).iter_batches(batch_size=None,
-                                                                                 batch_format="numpy"):
+                                                                                 batch_format="pyarrow"):
                 added, done = assembler.add(batch)
                 images += added
                 first = first or time.perf_counter() - start
-                detector_seconds += float(batch["detect_seconds"].sum())
-                actor_seconds += float(batch["actor_seconds"].sum())
+                detector_seconds += pc.sum(batch.column("detect_seconds")).as_py() or 0.0
+                actor_seconds += pc.sum(batch.column("actor_seconds")).as_py() or 0.0
                 bar.update(added)
                 if done:
                     written += len(done)
@@ -337,7 +360,8 @@ def run_extraction(cfg: ExtractConfig) -> ExtractSummary:
     cfg.out.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(cfg.out)
     names = [s.name for s in source.shards]
-    pending = [n for n in names if not manifest.verified(n, cfg.verify)]
+    pending = [n for n in names if not manifest.verified(n, cfg.verify)
+               or (cfg.pack and not packed_ok(cfg.out, manifest.shards[n], cfg.verify))]
     for name in pending:
         manifest.shards.pop(name, None)
     manifest.save()  # first: a folder with our manifest is ours (see check_out_dir)
@@ -346,14 +370,11 @@ def run_extraction(cfg: ExtractConfig) -> ExtractSummary:
            "startup_seconds": 0.0}
     started_ray = False
     try:
-        if pending or cfg.pack:
-            started_ray = _init_ray(cfg)
         if pending:
+            started_ray = _init_ray(cfg)
             known = all(name in stats for name in pending)
             run = _run_pending(cfg, spec, pending, manifest, start,
                                sum(stats[n].get("successes", 0) for n in pending) if known else None)
-        if cfg.pack:
-            pack_directory(cfg.out, progress=cfg.progress, manifest=manifest)  # records "packed" in ours
         remove_stale_temporaries(cfg.out)  # a Ray task killed and retried during this run may have left one
     finally:
         if started_ray:

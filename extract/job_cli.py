@@ -39,7 +39,8 @@ def extract(
     out: Path = typer.Option(..., help="Output folder: one Parquet feature shard per input shard + manifest.json."),
     max_boxes: int | None = typer.Option(None, help="Boxes kept per image, highest scores first (default 50)."),
     actors: int | None = typer.Option(None, help="Detector actors (default: one per GPU, else 1 on CPU)."),
-    pack: bool = typer.Option(False, help="Also write packed WebDataset training shards under OUT/packed/."),
+    pack: bool | None = typer.Option(None, "--pack/--no-pack", help="Also write packed WebDataset training "
+                                     "shards under OUT/packed/ (default: the config's pack)."),
     config: Path = typer.Option(DEFAULT_CONFIG, help="Extraction settings YAML."),
     set_: list[str] = typer.Option([], "--set", help="Override any setting, e.g. --set batch_size=16."),
 ) -> None:
@@ -47,8 +48,8 @@ def extract(
     from softclip.extract.job import run_extraction
 
     given = [f"{k}={v}" for k, v in (("max_boxes", max_boxes), ("actors", actors)) if v is not None]
-    if pack:
-        given.append("pack=true")
+    if pack is not None:
+        given.append(f"pack={str(pack).lower()}")
     if os.environ.get("RAY_ADDRESS"):
         given.append(f"ray_address={os.environ['RAY_ADDRESS']}")
     cfg = load_extract_config(config, dataset=dataset, weights=weights, labelmap=labelmap, out=out,

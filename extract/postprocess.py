@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torchvision.ops import batched_nms, box_iou, nms
+from torchvision.ops import box_iou, nms
 
 from softclip.extract.legacy import clip_boxes_legacy, decode_boxes
 
@@ -35,22 +35,21 @@ def rpn_proposals(objectness_per_image: list[Tensor], deltas_per_image: list[Ten
                   anchors_per_image: list[Tensor], image_sizes: list[tuple[int, int]], *,
                   pre_nms_top_n: int, post_nms_top_n: int, nms_thresh: float) -> list[Tensor]:
     """maskrcnn ``RPNPostProcessor`` at test time, per image: sigmoid, top ``pre_nms_top_n``, +1 decode,
-    clip to ``[0, w-1]``, NMS at ``nms_thresh``, first ``post_nms_top_n``. All images share one NMS call.
+    clip to ``[0, w-1]``, NMS at ``nms_thresh``, the first ``post_nms_top_n`` in NMS's own order.
+
+    One NMS call per image, as the original (``boxlist_nms`` per image): a batched NMS would re-sort the kept
+    boxes of all images together, and torchvision's CPU path does so with an unstable sort, which reorders
+    proposals whose scores tie exactly.
 
     Returns proposals ``Tensor[P_i, 4]`` per image, sorted by decreasing objectness.
     """
-    boxes_all, scores_all, image_idx = [], [], []
-    for i, (logits, deltas, anchors, (h, w)) in enumerate(
-        zip(objectness_per_image, deltas_per_image, anchors_per_image, image_sizes)
-    ):
+    proposals = []
+    for logits, deltas, anchors, (h, w) in zip(objectness_per_image, deltas_per_image, anchors_per_image,
+                                               image_sizes):
         scores, top = logits.float().sigmoid().topk(min(pre_nms_top_n, logits.numel()))
-        boxes = decode_boxes(deltas[top].float(), anchors[top], (1.0, 1.0, 1.0, 1.0))
-        boxes_all.append(clip_boxes_legacy(boxes, h, w))
-        scores_all.append(scores)
-        image_idx.append(torch.full_like(top, i))
-    boxes, scores, idx = torch.cat(boxes_all), torch.cat(scores_all), torch.cat(image_idx)
-    keep = batched_nms(boxes, scores, idx, nms_thresh)  # sorted by decreasing score
-    return [boxes[keep[idx[keep] == i][:post_nms_top_n]] for i in range(len(image_sizes))]
+        boxes = clip_boxes_legacy(decode_boxes(deltas[top].float(), anchors[top], (1.0, 1.0, 1.0, 1.0)), h, w)
+        proposals.append(boxes[nms(boxes, scores, nms_thresh)[:post_nms_top_n]])
+    return proposals
 
 
 def _ranked_before(s_src: Tensor, s_dst: Tensor, src: Tensor, dst: Tensor) -> Tensor:

@@ -6,8 +6,11 @@ row with ``index`` its position in the shard; after the last sample comes one *e
 read at all). The writer on the driver uses the marker to know when a shard is complete, whatever order
 the rows arrive in.
 
-Problems never raise here: they become the row's ``error``, ``"<reason>: <detail>"`` with a reason in
-:data:`ERROR_REASONS`.
+Problems never raise here: they become the row's ``error``, ``"<reason>: <detail>"`` with a reason among
+:data:`pipeline.images.ERROR_REASONS` (decoding) and ``missing_image``, ``missing_caption``, ``read_error``.
+
+With ``keep_image`` the row also carries the encoded image bytes as stored (``image``), so the writer can
+pack the training shard from the same rows; the detector only ever sees the decoded ``pixels``.
 """
 
 from __future__ import annotations
@@ -28,12 +31,10 @@ from softclip.pipeline.sources import (
     open_source,
 )
 
-__all__ = ["ERROR_REASONS", "ROW_COLUMNS", "decode_sample", "error_reason", "read_shard_rows"]
+__all__ = ["ROW_COLUMNS", "decode_sample", "error_reason", "read_shard_rows"]
 
-ERROR_REASONS = ("empty", "corrupt", "truncated", "too_large", "missing_image", "missing_caption",
-                 "read_error", *SAMPLE_ERROR_REASONS)
 ROW_COLUMNS = ("key", "shard", "index", "shard_total", "shard_error", "caption", "error", "pixels", "width",
-               "height")
+               "height", "image")
 _EMPTY_PIXELS = np.zeros((0, 0, 3), np.uint8)
 
 
@@ -49,19 +50,21 @@ def _cached_source(spec: str, max_member_bytes: int, max_caption_chars: int) -> 
 
 
 def _row(key: str, shard: str, index: int, *, caption: str = "", error: str = "", pixels: np.ndarray = _EMPTY_PIXELS,
-         shard_total: int = -1, shard_error: str = "") -> dict[str, Any]:
+         shard_total: int = -1, shard_error: str = "", image: bytes = b"") -> dict[str, Any]:
     return {"key": key, "shard": shard, "index": index, "shard_total": shard_total, "shard_error": shard_error,
             "caption": caption, "error": error, "pixels": pixels, "width": pixels.shape[1],
-            "height": pixels.shape[0]}
+            "height": pixels.shape[0], "image": image}
 
 
 def read_shard_rows(item: dict[str, Any], *, max_pixels: int, require_caption: bool,
                     max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
-                    max_caption_chars: int = DEFAULT_MAX_CAPTION_CHARS) -> Iterator[dict[str, Any]]:
+                    max_caption_chars: int = DEFAULT_MAX_CAPTION_CHARS,
+                    keep_image: bool = False) -> Iterator[dict[str, Any]]:
     """Ray ``flat_map`` function (a CPU task per shard): ``{"spec": dataset, "shard": name}`` -> one
     decoded row per sample (see :func:`decode_sample`), then the end-of-shard marker. A shard that cannot
     be opened yields only the marker, with ``shard_error``; a truncated one ends with the samples it had.
-    ``max_member_bytes`` and ``max_caption_chars`` are the source's limits (see ``open_source``)."""
+    ``max_member_bytes`` and ``max_caption_chars`` are the source's limits (see ``open_source``); with
+    ``keep_image`` a row also carries the encoded image bytes (for the packed shard)."""
     spec, name = str(item["spec"]), str(item["shard"])
     count = 0
     try:
@@ -77,7 +80,8 @@ def read_shard_rows(item: dict[str, Any], *, max_pixels: int, require_caption: b
             else:
                 pixels, error = decode_sample(sample.image, caption, max_pixels=max_pixels,
                                               require_caption=require_caption)
-            yield _row(sample.key, name, count, caption=caption, error=error, pixels=pixels)
+            yield _row(sample.key, name, count, caption=caption, error=error, pixels=pixels,
+                       image=sample.image if keep_image and not error else b"")
             count += 1
     except SourceError as err:
         yield _row("", name, -1, shard_total=count, shard_error=str(err))

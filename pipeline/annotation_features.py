@@ -11,17 +11,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 from PIL import Image
 from tqdm.auto import tqdm
 
 from softclip.pipeline.images import ImageDecodeError, decode_image
+from softclip.pipeline.packed import packed_samples, write_packed_shard
 from softclip.pipeline.shapes import COLOURS, SHAPES
 from softclip.pipeline.shards import (
     FeatureRecord,
     box_geometry,
     error_record,
+    records_to_table,
     write_parquet_shard,
-    write_webdataset_shard,
 )
 from softclip.pipeline.sources import Sample, open_source
 
@@ -101,8 +103,9 @@ def write_annotation_shards(source: str | Path, out_dir: str | Path, *, parquet:
             continue
         samples = list(src.iter_shard(shard))
         records = [annotation_record(s) for s in samples]
-        images = {s.key: s.image for s in samples if s.image is not None}
         if parquet:
             write_parquet_shard(parquet_path, records, feature_dim=ANNOTATION_FEATURE_DIM)
-        written.append(write_webdataset_shard(tar_path, records, images))
+        table = records_to_table(records, ANNOTATION_FEATURE_DIM).append_column(
+            "image", pa.array([s.image or b"" for s in samples], pa.binary()))
+        written.append(write_packed_shard(tar_path, packed_samples(table)))
     return written

@@ -17,8 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DiskFullError", "atomic_path", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "file_sha256",
-           "disk_full_names", "temporary_file_beside"]
+__all__ = ["DiskFullError", "HashingWriter", "atomic_path", "atomic_write_bytes", "atomic_write_json",
+           "atomic_write_text", "disk_full_names", "file_sha256", "temporary_file_beside"]
 
 _UMASK = os.umask(0)  # read once at import (os.umask can only be read by setting it) ...
 os.umask(_UMASK)  # ... and put back at once
@@ -105,3 +105,60 @@ def file_sha256(path: str | Path, chunk_size: int = 1 << 20) -> str:
         while chunk := f.read(chunk_size):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+class HashingWriter:
+    """A file opened for writing (truncated) that keeps the SHA-256 and size of what is written, so the
+    checksum of a file written front to back (Parquet, tar streams) needs no second read. It has the
+    methods pyarrow and tarfile write through; seeking is not supported.
+
+    Example::
+
+        with HashingWriter(tmp) as f:
+            f.write(data)
+        assert f.hexdigest() == file_sha256(tmp) and f.size == len(data)
+    """
+
+    def __init__(self, path: str | Path):
+        self._file = open(path, "wb")  # noqa: SIM115 - closed in close()
+        self._digest = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        view = memoryview(data).cast("B")
+        written = self._file.write(view)
+        self._digest.update(view[:written])
+        self.size += written
+        return written
+
+    def tell(self) -> int:
+        return self.size
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def readable(self) -> bool:
+        return False
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    @property
+    def closed(self) -> bool:
+        return self._file.closed
+
+    def close(self) -> None:
+        self._file.close()
+
+    def hexdigest(self) -> str:
+        """Hex SHA-256 of everything written so far."""
+        return self._digest.hexdigest()
+
+    def __enter__(self) -> HashingWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

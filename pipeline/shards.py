@@ -1,4 +1,4 @@
-"""The feature shard format: one row per image, written as Parquet and as WebDataset members.
+"""The feature shard format: one row per image, written as Parquet (packed training shards: ``pipeline.packed``).
 
 This module owns the schema, the column names and the shard naming; nothing else spells them out.
 
@@ -16,19 +16,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
-import json
-import tarfile
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
-import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from softclip.pipeline.io import atomic_path, disk_full_names
 
 __all__ = [
+    "GEOMETRY_DIM",
     "SCHEMA_VERSION",
     "CorruptShardError",
     "FeatureRecord",
@@ -39,24 +36,16 @@ __all__ = [
     "feature_schema",
     "load_npy",
     "ragged_column",
-    "read_feature_frame",
     "read_feature_table",
-    "read_webdataset_shard",
-    "sample_to_record",
     "records_to_table",
     "shard_name",
-    "table_to_records",
     "write_parquet_shard",
-    "write_webdataset_shard",
 ]
 
 SCHEMA_VERSION = 1
 METADATA_VERSION_KEY = b"softclip.schema_version"
 METADATA_FEATURE_DIM_KEY = b"softclip.feature_dim"
 GEOMETRY_DIM = 6
-# WebDataset member suffixes for the array fields, stored as .npy (numpy.load without pickle).
-_NPY_MEMBERS = {"boxes": "boxes.npy", "geometry": "geometry.npy", "roi_features": "roi.npy",
-                "labels": "labels.npy", "scores": "scores.npy"}
 
 
 class SchemaVersionError(ValueError):
@@ -231,11 +220,6 @@ def read_feature_table(path: str | Path, columns: list[str] | None = None) -> pa
         raise CorruptShardError(f"{path}: feature shard is damaged ({err}); re-extract it") from err
 
 
-def read_feature_frame(path: str | Path, columns: list[str] | None = None) -> pl.DataFrame:
-    """Read a Parquet feature shard as a polars frame, checking its schema version."""
-    return pl.from_arrow(read_feature_table(path, columns))
-
-
 @dataclasses.dataclass(frozen=True)
 class RaggedColumn:
     """A per-box column as one array: row ``i`` is ``values[offsets[i]:offsets[i + 1]]``."""
@@ -259,70 +243,6 @@ def ragged_column(table: pa.Table, name: str) -> RaggedColumn:
         values = inner.to_numpy(zero_copy_only=False)
     # Slice offsets are absolute into `values` when the column is a slice of a larger buffer.
     return RaggedColumn(values=values, offsets=offsets)
-
-
-def table_to_records(table: pa.Table) -> list[FeatureRecord]:
-    """Rows of a feature table as :class:`FeatureRecord` objects (copies; for tests and small shards)."""
-    arrays = {name: ragged_column(table, name) for name in _NPY_MEMBERS}
-    plain = table.drop_columns(list(_NPY_MEMBERS) + ["num_boxes"]).to_pylist()
-    return [
-        FeatureRecord(**row, **{name: np.array(arrays[name].row(i)) for name in _NPY_MEMBERS})
-        for i, row in enumerate(plain)
-    ]
-
-
-def _npy_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
-    return buffer.getvalue()
-
-
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0  # deterministic bytes
-    tar.addfile(info, io.BytesIO(data))
-
-
-def write_webdataset_shard(path: str | Path, records: Iterable[FeatureRecord],
-                           images: dict[str, bytes] | None = None) -> Path:
-    """Write ``records`` as a WebDataset tar, atomically: per key ``.json`` (scalars, names, attributes),
-    ``.txt`` (caption), ``.boxes.npy``, ``.geometry.npy``, ``.roi.npy``, ``.labels.npy``, ``.scores.npy``
-    and, when ``images`` has the key, ``.jpg`` (the encoded image, for packed training shards)."""
-    with disk_full_names(path), atomic_path(path) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for r in records:
-            meta = {f.name: getattr(r, f.name) for f in dataclasses.fields(r) if f.name not in _NPY_MEMBERS}
-            meta["num_boxes"] = r.num_boxes
-            meta["schema_version"] = SCHEMA_VERSION
-            _add_member(tar, f"{r.key}.json", json.dumps(meta).encode())
-            if r.caption is not None:
-                _add_member(tar, f"{r.key}.txt", r.caption.encode())
-            for field, suffix in _NPY_MEMBERS.items():
-                _add_member(tar, f"{r.key}.{suffix}", _npy_bytes(getattr(r, field)))
-            if images and r.key in images:
-                _add_member(tar, f"{r.key}.jpg", images[r.key])
-    return Path(path)
-
-
-def sample_to_record(sample: dict[str, bytes | str], source: str = "<sample>") -> FeatureRecord:
-    """Turn one WebDataset sample (suffix -> raw bytes, as ``webdataset`` or :func:`read_webdataset_shard`
-    yields it) back into a :class:`FeatureRecord`, checking the schema version."""
-    if "json" not in sample:
-        raise CorruptShardError(f"{source}: a sample lacks its json member")
-    meta = json.loads(sample["json"])
-    version = meta.pop("schema_version", None)
-    if version != SCHEMA_VERSION:
-        raise SchemaVersionError(f"{source}: sample {meta.get('key')} has schema version {version}, "
-                                 f"this softclip reads version {SCHEMA_VERSION}")
-    meta.pop("num_boxes", None)
-    missing = [suffix for suffix in _NPY_MEMBERS.values() if suffix not in sample]
-    if missing:
-        raise CorruptShardError(f"{source}: sample {meta.get('key')} lacks its {', '.join(missing)} member(s)")
-    try:
-        arrays = {field: load_npy(sample[suffix]) for field, suffix in _NPY_MEMBERS.items()}
-    except ValueError as err:
-        raise CorruptShardError(f"{source}: sample {meta.get('key')}: {err}") from err
-    return FeatureRecord(**meta, **arrays)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -352,21 +272,3 @@ def load_npy(data: bytes) -> np.ndarray:
                          f"the member has {len(data) - start}")
     array = np.frombuffer(data, dtype=dtype, count=count, offset=start)
     return array.reshape(shape, order="F" if fortran_order else "C").copy(order="K")
-
-
-def read_webdataset_shard(path: str | Path) -> Iterator[tuple[FeatureRecord, bytes | None]]:
-    """Yield ``(record, image_bytes_or_None)`` from a feature WebDataset tar, in file order."""
-    with tarfile.open(path, "r") as tar:
-        sample: dict[str, bytes] = {}
-        current = None
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, _, suffix = member.name.partition(".")
-            if current is not None and key != current:
-                yield sample_to_record(sample, str(path)), sample.get("jpg")
-                sample = {}
-            current = key
-            sample[suffix] = tar.extractfile(member).read()
-        if current is not None:
-            yield sample_to_record(sample, str(path)), sample.get("jpg")

@@ -13,7 +13,7 @@ from test_extract_job_actor import tiny_config
 from softclip.extract.inspect import inspect_features
 from softclip.extract.job import run_extraction
 from softclip.extract.manifest import Manifest
-from softclip.pipeline.shards import read_feature_frame
+from softclip.pipeline.shards import read_feature_table
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "img2dataset"
 SUCCESS_KEYS = ["000000", "000001", "000002", "000003", "000010", "000011", "000012", "000013"]
@@ -36,7 +36,7 @@ def test_every_img2dataset_format_extracts_each_key_once_and_counts_failures(tmp
     for fmt in ("webdataset", "parquet", "files"):
         cfg = tiny_config(tmp_path / fmt, FIXTURES / fmt, actors=1, require_caption=False)
         summary = run_extraction(cfg)
-        keys = [k for p in sorted(cfg.out.glob("*.parquet")) for k in read_feature_frame(p)["key"].to_list()]
+        keys = [k for p in sorted(cfg.out.glob("*.parquet")) for k in read_feature_table(p).column("key").to_pylist()]
         assert sorted(keys) == SUCCESS_KEYS, fmt
         assert summary.images_this_run == len(SUCCESS_KEYS)
         failures = Manifest.load(cfg.out).data["source_failures"]

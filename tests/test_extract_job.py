@@ -7,14 +7,17 @@ import signal
 from collections import Counter
 from pathlib import Path
 
+import polars as pl
 import pytest
 import ray
+import webdataset as wds
 from test_extract_job_actor import BAD_SHARD_EXPECTED, tiny_config, write_bad_source
 
 from softclip.extract.job import run_extraction
 from softclip.extract.manifest import Manifest, ManifestMismatchError
 from softclip.extract.vinvl import VinVLDetector
-from softclip.pipeline.shards import read_feature_frame, read_feature_table
+from softclip.pipeline.packed import read_packed_sample
+from softclip.pipeline.shards import read_feature_table
 from softclip.pipeline.sources import open_source
 
 TESTS = Path(__file__).resolve().parent
@@ -54,13 +57,17 @@ def killed_once_vinvl(weights, labelmap, *, crash_marker: str, **overrides) -> _
     return _KilledOnce(VinVLDetector.from_checkpoint(weights, labelmap, **overrides), Path(crash_marker))
 
 
+def read_feature_frame(path: Path) -> pl.DataFrame:
+    return pl.from_arrow(read_feature_table(path))
+
+
 def _source_keys(spec) -> list[str]:
     source = open_source(spec)
     return [s.key for shard in source.shards for s in source.iter_shard(shard)]
 
 
 def test_full_extraction_every_key_once_then_resume_and_refuse(tmp_path, shapes_world):
-    cfg = tiny_config(tmp_path, shapes_world / "train", max_boxes=20, actors=1)
+    cfg = tiny_config(tmp_path, shapes_world / "train", max_boxes=20, actors=1, pack=True)
     summary = run_extraction(cfg)
     keys = _source_keys(shapes_world / "train")
     frames = [read_feature_frame(cfg.out / f"{s.name}.parquet") for s in open_source(cfg.dataset).shards]
@@ -72,6 +79,12 @@ def test_full_extraction_every_key_once_then_resume_and_refuse(tmp_path, shapes_
     assert all(f["num_boxes"].max() <= 20 and f["status"].unique().to_list() == ["success"] for f in frames)
     assert summary.totals["images"] == 120 and summary.images_this_run == 120 and summary.shards_written == 3
     assert summary.totals["bytes_per_image"] > 0 and "120 images, 120 ok" in summary.line()
+    images = {s.key: s.image for shard in open_source(cfg.dataset).shards for s in open_source(cfg.dataset).iter_shard(shard)}
+    for frame, shard in zip(frames, open_source(cfg.dataset).shards):  # packed in the same pass, same rows
+        path = cfg.out / "packed" / f"{shard.name}.tar"
+        packed = [read_packed_sample(s, str(path)) for s in wds.WebDataset(str(path), shardshuffle=False)]
+        assert [p.key for p in packed] == frame["key"].to_list()
+        assert all(p.image == images[p.key] and p.tags == t for p, t in zip(packed, frame["tags"].to_list()))
     # A rerun verifies and skips everything; a damaged shard is redone, alone.
     assert run_extraction(cfg).images_this_run == 0
     (cfg.out / "00001.parquet").write_bytes(b"damaged")

@@ -12,13 +12,16 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 import ray
 import torch
 from PIL import Image
+from test_shards import table_to_records
 
 from softclip.extract import job
-from softclip.extract.actor import FEATURE_COLUMNS, DetectorActor, batch_to_records, detection_to_record
+from softclip.extract.actor import ROUTING_COLUMNS, DetectorActor, detection_to_record
 from softclip.extract.checkpoint import CheckpointError, write_checkpoint, write_labelmap
 from softclip.extract.detector_config import DetectorArch, DetectorConfig
 from softclip.extract.job import (
@@ -36,7 +39,7 @@ from softclip.extract.vinvl import VinVLDetector
 from softclip.extract.writer import IncompleteShardsError, ShardAssembler, remove_stale_temporaries
 from softclip.pipeline.img2dataset import ShardWriter
 from softclip.pipeline.io import file_sha256
-from softclip.pipeline.shards import read_feature_table, table_to_records
+from softclip.pipeline.shards import FeatureRecord, feature_schema, read_feature_table
 
 TINY_ARCH = DetectorArch(blocks=(1, 1, 1, 1), groups=2, width_per_group=16, stem_channels=8, res2_channels=32,
                          num_classes=9, num_attributes=11, cls_embed_dim=8, attr_embed_dim=16)
@@ -120,11 +123,18 @@ def write_bad_source(folder: Path) -> Path:
 
 
 def _rows_batch(rows: list[dict]) -> dict[str, np.ndarray]:
-    """Rows as Ray Data hands them to map_batches (numpy columns; pixels as an object array)."""
-    batch = {name: np.array([r[name] for r in rows]) for name in rows[0] if name != "pixels"}
-    batch["pixels"] = np.empty(len(rows), dtype=object)
-    batch["pixels"][:] = [r["pixels"] for r in rows]
+    """Rows as Ray Data hands them to map_batches (numpy columns; pixels and images as object arrays)."""
+    batch = {name: np.array([r[name] for r in rows]) for name in rows[0] if name not in ("pixels", "image")}
+    for name in ("pixels", "image"):
+        batch[name] = np.empty(len(rows), dtype=object)
+        batch[name][:] = [r[name] for r in rows]
     return batch
+
+
+def _records(table: pa.Table) -> list[FeatureRecord]:
+    """The sample rows of an actor's output table as records (end-of-shard markers dropped)."""
+    samples = table.filter(pc.greater_equal(table.column("index"), 0))
+    return table_to_records(samples.drop_columns(list(ROUTING_COLUMNS)))
 
 
 def extract_without_ray(cfg: ExtractConfig, shards: list[str]) -> Manifest:
@@ -132,10 +142,10 @@ def extract_without_ray(cfg: ExtractConfig, shards: list[str]) -> Manifest:
     manifest = Manifest.open(cfg.out, fingerprint(cfg, cfg.dataset))
     cfg.out.mkdir(parents=True, exist_ok=True)
     actor = DetectorActor(cfg)
-    assembler = ShardAssembler(cfg.out, manifest, row_group_size=cfg.row_group_size)
+    assembler = ShardAssembler(cfg.out, manifest, row_group_size=cfg.row_group_size, pack=cfg.pack)
     for shard in shards:
         rows = list(read_shard_rows({"spec": cfg.dataset, "shard": shard}, max_pixels=cfg.max_pixels,
-                                    require_caption=cfg.require_caption))
+                                    require_caption=cfg.require_caption, keep_image=cfg.pack))
         for start in range(0, len(rows), cfg.batch_size):
             assembler.add(actor(_rows_batch(rows[start:start + cfg.batch_size])))
     assembler.close()
@@ -169,8 +179,8 @@ def test_actor_detects_without_ray_and_truncates_to_max_boxes(tmp_path, bad_sour
     rows = list(read_shard_rows({"spec": str(bad_source), "shard": "00000"}, max_pixels=cfg.max_pixels,
                                 require_caption=True))
     batch = actor(_rows_batch(rows))
-    records = batch_to_records(batch, actor.feature_dim)
-    assert [r.key for r in records] == [str(k) for k in batch["key"][:-1]]  # one row per sample, marker skipped
+    records = _records(batch)
+    assert [r.key for r in records] == batch.column("key").to_pylist()[:-1]  # one row per sample, marker last
     assert [r.status == "success" for r in records] == [e == "success" for e in BAD_SHARD_EXPECTED]
     ok = [r for r in records if r.status == "success"]
     assert all(0 < r.num_boxes <= 5 and r.roi_features.dtype == np.float16 for r in ok)
@@ -209,21 +219,22 @@ def test_assembler_drops_duplicates_and_waits_for_the_marker(tmp_path, bad_sourc
     rows = list(read_shard_rows({"spec": str(bad_source), "shard": "00003"}, max_pixels=cfg.max_pixels,
                                 require_caption=True))
     out = actor(_rows_batch(rows))
-    assert all(set(row) == set(ROW_COLUMNS) for row in rows) and set(out) == set(FEATURE_COLUMNS)
+    assert all(set(row) == set(ROW_COLUMNS) for row in rows)
+    assert out.column_names == feature_schema(actor.feature_dim).names + list(ROUTING_COLUMNS)
     manifest = Manifest.open(cfg.out, {"dataset": "x"})
     cfg.out.mkdir(parents=True)
     assembler = ShardAssembler(cfg.out, manifest, row_group_size=2)
-    first = {k: v[[0, 1]] for k, v in out.items()}
-    rest = {k: v[[2, 1, 3, 4]] for k, v in out.items()}  # row 1 again (a retried task), then the marker
+    first, rest = out.take([0, 1]), out.take([2, 1, 3, 4])  # row 1 again (a retried task), then the marker
     assert assembler.add(first) == (2, [])
     assert assembler.add(rest) == (2, ["00003"]) and assembler.duplicates == 1
     table = read_feature_table(cfg.out / "00003.parquet")
-    assert sorted(table.column("key").to_pylist()) == [str(k) for k in out["key"][:4]]
+    assert sorted(table.column("key").to_pylist()) == out.column("key").to_pylist()[:4]
     committed = (cfg.out / "00003.parquet").read_bytes()
-    assert assembler.add({k: v[[0, 4]] for k, v in out.items()}) == (0, [])  # row 0 and the marker again
+    assert assembler.add(out.take([0, 4])) == (0, [])  # row 0 and the marker again
     assert assembler.duplicates == 3 and (cfg.out / "00003.parquet").read_bytes() == committed
     assembler.close()  # nothing left open
-    rows_of_another_shard = {k: v[[0]] for k, v in out.items()} | {"shard": np.array(["00009"], dtype=object)}
+    one = out.take([0])
+    rows_of_another_shard = one.set_column(one.schema.get_field_index("shard"), "shard", pa.array(["00009"]))
     assembler.add(rows_of_another_shard)
     with pytest.raises(IncompleteShardsError, match="00009"):
         assembler.close()

@@ -56,16 +56,17 @@ def test_packing_temporaries_left_during_a_run_are_gone_when_it_ends(tmp_path, m
     source = write_bad_source(tmp_path / "source")
     (source / "00002.tar").unlink()  # the unreadable shard: this test is about packing
     cfg = tiny_config(tmp_path, source, pack=True)
-    extract_without_ray(cfg, ["00000", "00001", "00003"])  # every readable shard done: nothing pending
+    extract_without_ray(cfg, ["00000", "00001"])
 
-    def killed_packing_worker(out_dir, **kwargs):  # Ray retried a killed pack task; its temporary stayed
-        (out_dir / "packed").mkdir(exist_ok=True)
-        (out_dir / "packed" / ".tmp-00003.tar.k1ll3d").write_bytes(b"\0" * 4096)
-        return 0
+    def killed_packing_worker(cfg, spec, pending, manifest, start, total):  # a retried task's temporary stayed
+        assert pending == ["00003"]
+        (cfg.out / "packed").mkdir(exist_ok=True)
+        (cfg.out / "packed" / ".tmp-00003.tar.k1ll3d").write_bytes(b"\0" * 4096)
+        return {"images_this_run": 0, "detector_seconds": 0.0, "actor_seconds": 0.0, "actors": 0,
+                "startup_seconds": 0.0}
 
     monkeypatch.setattr(job_module, "_init_ray", lambda cfg: False)
-    monkeypatch.setattr(job_module, "pack_directory", killed_packing_worker)
-    monkeypatch.setattr(job_module, "_run_pending", lambda *args: pytest.fail("nothing should be pending"))
+    monkeypatch.setattr(job_module, "_run_pending", killed_packing_worker)
     run_extraction(cfg)
     assert not list(cfg.out.rglob(".tmp-*"))
 

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from softclip.extract.inspect import inspect_features
 from softclip.extract.job_cli import register
-from softclip.pipeline.shards import read_feature_frame
+from softclip.pipeline.shards import read_feature_table
 
 
 def test_inspect_counts_rows_errors_boxes_and_tags(tmp_path):
@@ -19,8 +19,8 @@ def test_inspect_counts_rows_errors_boxes_and_tags(tmp_path):
     cfg = tiny_config(tmp_path, write_bad_source(tmp_path / "source"), max_boxes=6)
     extract_without_ray(cfg, ["00000", "00001", "00002", "00003"])
     report = inspect_features(cfg.out, top=3)
-    frames = [read_feature_frame(p) for p in sorted(cfg.out.glob("*.parquet"))]
-    assert report.rows == sum(f.height for f in frames) == 13 + 3 + 4
+    frames = [read_feature_table(p) for p in sorted(cfg.out.glob("*.parquet"))]
+    assert report.rows == sum(f.num_rows for f in frames) == 13 + 3 + 4
     assert report.ok == BAD_SHARD_EXPECTED.count("success") + 2 + 4
     assert report.errors["corrupt"] == 1 and report.errors["read_error"] == 1 and report.errors["too_large"] == 1
     assert 0 < report.boxes_per_image["mean"] <= report.boxes_per_image["max"] <= 6

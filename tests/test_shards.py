@@ -1,10 +1,20 @@
 import io
+import json
+import tarfile
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
+from softclip.pipeline.packed import (
+    PACKED_VERSION,
+    ROI_MEMBER,
+    packed_samples,
+    read_packed_sample,
+    write_packed_shard,
+)
 from softclip.pipeline.shards import (
     SCHEMA_VERSION,
     CorruptShardError,
@@ -14,18 +24,21 @@ from softclip.pipeline.shards import (
     error_record,
     load_npy,
     ragged_column,
-    read_feature_frame,
     read_feature_table,
-    read_webdataset_shard,
     records_to_table,
-    sample_to_record,
     shard_name,
-    table_to_records,
     write_parquet_shard,
-    write_webdataset_shard,
 )
 
 DIM = 16
+
+
+def table_to_records(table: pa.Table) -> list[FeatureRecord]:
+    """Rows of a feature table as :class:`FeatureRecord` objects (the test suite's way to compare rows)."""
+    arrays = {name: ragged_column(table, name) for name in ("boxes", "geometry", "roi_features", "labels", "scores")}
+    plain = table.drop_columns([*arrays, "num_boxes"]).to_pylist()
+    return [FeatureRecord(**row, **{name: np.array(column.row(i)) for name, column in arrays.items()})
+            for i, row in enumerate(plain)]
 
 
 def _record(i, num_boxes, rng):
@@ -67,22 +80,36 @@ def test_parquet_round_trip_with_zero_box_rows(tmp_path, records):
     assert len(back) == len(records)
     for a, b in zip(records, back):
         _assert_same(a, b)
-    frame = read_feature_frame(path, columns=["key", "num_boxes", "status"])
-    assert frame["num_boxes"].to_list() == [3, 0, 5, 1, 0]
-    assert frame["status"].to_list()[-1] == "error"
+    table = read_feature_table(path, columns=["key", "num_boxes", "status"])
+    assert table.column("num_boxes").to_pylist() == [3, 0, 5, 1, 0]
+    assert table.column("status").to_pylist()[-1] == "error"
     assert pq.read_metadata(path).metadata[b"softclip.schema_version"] == str(SCHEMA_VERSION).encode()
 
 
-def test_webdataset_round_trip_with_zero_box_rows(tmp_path, records):
-    images = {records[0].key: b"\xff\xd8jpeg"}
-    path = write_webdataset_shard(tmp_path / "00000.tar", records, images)
-    back = list(read_webdataset_shard(path))
-    assert [img for _, img in back] == [b"\xff\xd8jpeg", None, None, None, None]
-    for a, (b, _) in zip(records, back):
-        _assert_same(a, b)
-    raw = list(wds.WebDataset(str(path), shardshuffle=False))
-    assert [s["__key__"] for s in raw] == [r.key for r in records]
-    _assert_same(records[2], sample_to_record(raw[2]))
+def _packed(tmp_path, records):
+    """A packed shard of ``records``, image bytes ``image-<key>``."""
+    table = records_to_table(records, DIM).append_column(
+        "image", pa.array([f"image-{r.key}".encode() for r in records], pa.binary()))
+    return write_packed_shard(tmp_path / "00000.tar", packed_samples(table))
+
+
+def test_packed_shards_hold_successful_rows_in_three_members(tmp_path, records):
+    path = _packed(tmp_path, records)
+    with tarfile.open(path) as tar:
+        names = tar.getnames()
+    ok = [r for r in records if r.status == "success"]
+    assert names == [f"{r.key}.{m}" for r in ok for m in ("jpg", "json", ROI_MEMBER)]
+    raw = list(wds.WebDataset(str(path), shardshuffle=False))  # webdataset reads them as they are
+    assert [s["__key__"] for s in raw] == [r.key for r in ok]
+    for record, sample in zip(ok, raw):
+        back = read_packed_sample(sample, str(path))
+        assert (back.key, back.caption, back.tags, back.image) == (record.key, record.caption, record.tags,
+                                                                   f"image-{record.key}".encode())
+        for field, got in (("roi_features", back.roi_features), ("geometry", back.geometry),
+                           ("scores", back.scores)):
+            want = getattr(record, field)
+            assert got.dtype == want.dtype and got.shape == want.shape and np.array_equal(got, want), field
+        assert json.loads(sample["json"])["caption"] == record.caption and "txt" not in sample  # caption once
 
 
 def test_damaged_shards_are_errors_naming_the_file(tmp_path, records):
@@ -91,11 +118,14 @@ def test_damaged_shards_are_errors_naming_the_file(tmp_path, records):
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(CorruptShardError, match="00000.parquet.*re-extract"):
         read_feature_table(path)
-    sample = dict(next(iter(wds.WebDataset(str(write_webdataset_shard(tmp_path / "00000.tar", records)),
-                                            shardshuffle=False))))
-    del sample["roi.npy"]
-    with pytest.raises(CorruptShardError, match="shard.tar: sample .* lacks its roi.npy"):
-        sample_to_record(sample, "shard.tar")
+    sample = dict(next(iter(wds.WebDataset(str(_packed(tmp_path, records)), shardshuffle=False))))
+    with pytest.raises(CorruptShardError, match=f"shard.tar: sample .* lacks its json or {ROI_MEMBER}"):
+        read_packed_sample({k: v for k, v in sample.items() if k != ROI_MEMBER}, "shard.tar")
+    with pytest.raises(CorruptShardError, match="shard.tar: sample"):
+        read_packed_sample({**sample, ROI_MEMBER: sample[ROI_MEMBER][:-5]}, "shard.tar")
+    old = {**sample, "json": json.dumps({**json.loads(sample["json"]), "packed_version": 1}).encode()}
+    with pytest.raises(SchemaVersionError, match=f"packed format 1, this softclip reads format {PACKED_VERSION}"):
+        read_packed_sample(old, "shard.tar")
 
 
 def _npy(array, version=None):
@@ -146,7 +176,7 @@ def test_schema_version_mismatch_is_a_clear_error(tmp_path, records):
         read_feature_table(tmp_path / "old.parquet")
     pq.write_table(table.replace_schema_metadata({}), tmp_path / "foreign.parquet")
     with pytest.raises(SchemaVersionError, match="not a softclip feature shard"):
-        read_feature_frame(tmp_path / "foreign.parquet")
+        read_feature_table(tmp_path / "foreign.parquet")
 
 
 def test_wrong_feature_dim_is_refused(records):

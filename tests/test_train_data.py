@@ -9,13 +9,16 @@ import tarfile
 import numpy as np
 import pytest
 import torch
+from test_shards import table_to_records
+from webdataset.tariterators import tarfile_samples
 
 from softclip.pipeline.annotation_features import (
     ANNOTATION_FEATURE_DIM,
     annotation_roi_features,
     write_annotation_shards,
 )
-from softclip.pipeline.shards import read_webdataset_shard
+from softclip.pipeline.packed import ROI_MEMBER, read_packed_sample
+from softclip.pipeline.shards import read_feature_table
 from softclip.train.config import DataConfig, ModelConfig
 from softclip.train.data import TrainData, count_samples, expand_shards
 from softclip.train.model import build_model
@@ -45,8 +48,11 @@ def _data(transforms, root, **kw):
 
 
 def test_annotation_features(packed, shapes_world):
-    records = [r for r, _ in read_webdataset_shard(packed / "00000.tar")]
+    records = table_to_records(read_feature_table(packed / "00000.parquet"))
     assert len(records) == 50 and all(r.detector == "annotations" for r in records)
+    samples = [read_packed_sample(s) for s in tarfile_samples([{"url": str(packed / "00000.tar")}])]
+    assert [s.key for s in samples] == [r.key for r in records]
+    assert all(np.array_equal(s.roi_features, r.roi_features) and s.tags == r.tags for s, r in zip(samples, records))
     record = records[0]
     assert record.roi_features.shape == (record.num_boxes, 72) and record.roi_features.dtype == np.float16
     assert record.tags == " ".join(f"{a[0]} {c}" for a, c in zip(record.attr_names, record.class_names))
@@ -129,16 +135,16 @@ def test_corrupt_samples_are_skipped_and_counted(packed, tmp_path, transforms):
             key, _, suffix = member.name.partition(".")
             if key.endswith("0001") and suffix == "jpg":
                 data = b"not a jpeg"
-            if key.endswith("0002") and suffix == "roi.npy":
+            if key.endswith("0002") and suffix == ROI_MEMBER:
                 data = b"garbage"
-            if key.endswith("0003") and suffix == "json":
-                data = json.dumps(json.loads(data) | {"status": "error"}).encode()
+            if key.endswith("0003") and suffix == "json":  # an older packed format
+                data = json.dumps(json.loads(data) | {"packed_version": 1}).encode()
             _member(dst, member.name, data)
         _member(dst, "zzzz.json", b"{broken")
     batches = list(_data(transforms, bad, num_samples=40).epoch_batches(0))
     assert len(batches) == 5
     errors = batches[-1]["errors"]
-    assert errors["bad_image"] >= 1 and errors["bad_sample"] >= 2 and errors["error_row"] >= 1
+    assert errors["bad_image"] >= 1 and errors["bad_sample"] >= 3
     assert not any(k.endswith(("0001", "0002", "0003")) for b in batches for k in b["keys"])
 
 

@@ -28,7 +28,12 @@ from softclip.extract.legacy import (
     generate_cell_anchors,
     resized_size,
 )
-from softclip.extract.postprocess import filter_detections, multiclass_nms_keep, postprocess_attributes
+from softclip.extract.postprocess import (
+    filter_detections,
+    multiclass_nms_keep,
+    postprocess_attributes,
+    rpn_proposals,
+)
 from softclip.extract.vinvl import VinVLDetector, format_tags
 from softclip.pipeline.config import ConfigError
 
@@ -171,6 +176,21 @@ def test_vectorised_filter1_equals_per_class_loop(temperature: float) -> None:
     for j in range(c):
         assert keep[:, j].nonzero().squeeze(1).tolist() == sorted(nms(boxes, scores[:, j], 0.3).tolist())
     assert torch.equal(_loop_reference(boxes, scores, 0.3)[1], labels)
+
+
+def test_rpn_keeps_each_images_nms_order_when_scores_tie() -> None:
+    """The original runs NMS per image and keeps its order; tied objectness must not be reordered (a batched
+    NMS over 2 x 1000 proposals re-sorted them with an unstable sort on CPU)."""
+    grid = torch.arange(40, dtype=torch.float32) * 10
+    ys, xs = torch.meshgrid(grid, grid, indexing="ij")
+    anchors = torch.stack([xs.flatten(), ys.flatten(), xs.flatten() + 7, ys.flatten() + 7], 1)  # disjoint boxes
+    logits = torch.zeros(len(anchors))
+    logits[::7] = 1.0  # two score levels, each shared by hundreds of boxes
+    proposals = rpn_proposals([logits, logits], [torch.zeros(len(anchors), 4)] * 2, [anchors] * 2, [(400, 400)] * 2,
+                              pre_nms_top_n=1000, post_nms_top_n=300, nms_thresh=0.7)
+    scores, top = logits.sigmoid().topk(1000)
+    expected = anchors[top][nms(anchors[top], scores, 0.7)][:300]
+    assert all(torch.equal(p, expected) for p in proposals)
 
 
 def test_nms_filter2_is_one_class_agnostic_nms() -> None:

@@ -33,7 +33,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import tarfile_samples
 
 from softclip.pipeline.images import ImageDecodeError, decode_image
-from softclip.pipeline.shards import ragged_column, read_feature_table, sample_to_record
+from softclip.pipeline.packed import read_packed_sample
+from softclip.pipeline.shards import ragged_column, read_feature_table
 from softclip.pipeline.sources import open_source
 from softclip.train.config import DataConfig, resolve_data_path
 
@@ -213,13 +214,12 @@ class TrainData:
 
         for sample in tarfile_samples([{"url": str(path)}], handler=handler):
             try:
-                record = sample_to_record(sample, str(path))
-            except (KeyError, ValueError, TypeError, OSError, EOFError):  # bad json, npy or schema version
+                packed = read_packed_sample(sample, str(path))
+            except (KeyError, ValueError, TypeError, OSError, EOFError):  # bad json, npy or format version
                 errors["bad_sample"] += 1
                 continue
-            yield _Raw(key=record.key, status=record.status, caption=record.caption or "", tags=record.tags,
-                       roi=record.roi_features, geometry=record.geometry, scores=record.scores,
-                       image=sample.get("jpg"))
+            yield _Raw(key=packed.key, status="success", caption=packed.caption, tags=packed.tags,
+                       roi=packed.roi_features, geometry=packed.geometry, scores=packed.scores, image=packed.image)
 
     def _read_parquet(self, path: Path, errors: collections.Counter) -> Iterator[_Raw]:
         name = path.name.removesuffix(".parquet")

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from open_clip.transformer import text_global_pool
 from torch import nn
 
+from softclip.pipeline.shards import GEOMETRY_DIM
 from softclip.train.config import ModelConfig
 
 __all__ = [
@@ -28,7 +29,6 @@ __all__ = [
 ]
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
-GEOMETRY_DIM = 6
 _registered = False
 
 
