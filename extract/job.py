@@ -66,10 +66,11 @@ from softclip.extract.ray_local import start_local_ray, stop_local_ray
 from softclip.extract.stages import read_shard_rows
 from softclip.extract.writer import ShardAssembler, packed_ok, remove_stale_temporaries, stale_temporaries
 from softclip.pipeline.config import save_config
+from softclip.pipeline.img2dataset import img2dataset_stats
 from softclip.pipeline.io import file_sha256
 from softclip.pipeline.packed import PACKED_DIR
 from softclip.pipeline.registry import resolve_dataset
-from softclip.pipeline.sources import img2dataset_stats, open_source
+from softclip.pipeline.sources import open_source
 
 __all__ = ["ExtractSummary", "OutputDirError", "OutputNotEmptyError", "WorkerCrashError", "check_detector_files",
            "check_out_dir", "fingerprint", "resolve_dataset_spec", "run_extraction", "stage_worker_package"]

@@ -132,7 +132,7 @@ def shard_totals(shards: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def source_failure_totals(stats: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Sum img2dataset's per-shard stats (:func:`pipeline.sources.img2dataset_stats`): samples attempted,
+    """Sum img2dataset's per-shard stats (:func:`pipeline.img2dataset.img2dataset_stats`): samples attempted,
     downloaded, failed to download / resize, and the failure reasons (its ``status_dict`` less success)."""
     reasons: Counter = Counter()
     for shard in stats.values():

@@ -1,4 +1,5 @@
-"""Write image-text shards as img2dataset lays them out.
+"""img2dataset's layout: write image-text shards as img2dataset lays them out, and read its per-shard
+record of failures (the ``_stats.json`` side files).
 
 A shard ``NNNNN`` is three files: ``NNNNN.tar`` (per sample ``<key>.jpg``, ``<key>.txt``, ``<key>.json``),
 ``NNNNN.parquet`` (one row per sample with the json fields) and ``NNNNN_stats.json``. Keys have 9 digits:
@@ -26,8 +27,9 @@ import pyarrow.parquet as pq
 
 from softclip.pipeline.io import atomic_path, atomic_write_json
 from softclip.pipeline.shards import shard_name
+from softclip.pipeline.sources import Source, SourceError
 
-__all__ = ["ShardWriter", "sample_key"]
+__all__ = ["ShardWriter", "img2dataset_stats", "sample_key"]
 
 
 def sample_key(shard_index: int, index_in_shard: int) -> str:
@@ -108,3 +110,27 @@ class ShardWriter:
             self.close()
         else:
             self._tar.close()
+
+
+def img2dataset_stats(source: Source) -> dict[str, dict]:
+    """img2dataset's per-shard record (``NNNNN_stats.json`` beside the shards), by shard name, for every
+    stats file there, including shards whose every sample failed (they have no data to read).
+
+    Each value holds ``count``, ``successes``, ``failed_to_download``, ``failed_to_resize`` and
+    ``status_dict`` (reason -> count) as img2dataset writes them. Empty for sources without side files.
+    """
+    whole_folder = Path(source.spec).is_dir()  # else a pattern or one file: only its own shards count
+    names = {shard.name for shard in source.shards}
+    stats = {}
+    for folder in sorted({shard.path.parent for shard in source.shards} | ({Path(source.spec)} if whole_folder else set())):
+        for path in sorted(folder.glob("*_stats.json")):
+            if not whole_folder and path.name.removesuffix("_stats.json") not in names:
+                continue
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise SourceError(f"{path}: unreadable img2dataset stats ({err})") from err
+            if not isinstance(data, dict) or not isinstance(data.get("count"), int):
+                raise SourceError(f"{path}: not an img2dataset stats file (no integer 'count')")
+            stats[path.name.removesuffix("_stats.json")] = data
+    return stats

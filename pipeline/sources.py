@@ -8,7 +8,8 @@ back as a sample with ``error`` set, and the samples before it are yielded as us
 cannot be opened at all raises :class:`SourceError`.
 
 img2dataset keeps its failed samples out of the data files and records them in its side files
-(``NNNNN.parquet`` status column, ``NNNNN_stats.json``); :func:`img2dataset_stats` reads those counts.
+(``NNNNN.parquet`` status column, ``NNNNN_stats.json``); :func:`pipeline.img2dataset.img2dataset_stats`
+reads those counts.
 
 Example::
 
@@ -33,7 +34,7 @@ import pyarrow.parquet as pq
 from softclip.pipeline.shards import shard_name
 
 __all__ = ["DEFAULT_MAX_CAPTION_CHARS", "DEFAULT_MAX_MEMBER_BYTES", "IMAGE_EXTENSIONS", "SAMPLE_ERROR_REASONS",
-           "Sample", "Source", "SourceError", "SourceShard", "img2dataset_stats", "open_source"]
+           "Sample", "Source", "SourceError", "SourceShard", "open_source"]
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
 CAPTION_FILES = ("captions.parquet", "captions.jsonl", "captions.csv")
@@ -258,7 +259,7 @@ def _parquet_image_column(path: Path) -> str | None:
 
 def _iter_parquet(shard: SourceShard, max_member_bytes: int, max_caption_chars: int) -> Iterator[Sample]:
     """Rows of an img2dataset ``parquet``-format shard; failed rows (status other than ``success``, no
-    image) are skipped here and counted from the side files by :func:`img2dataset_stats`. Images over
+    image) are skipped here and counted from the side files by :func:`pipeline.img2dataset.img2dataset_stats`. Images over
     ``max_member_bytes`` and captions over ``max_caption_chars`` become error rows, as in tars."""
     column = _parquet_image_column(shard.path)
     try:
@@ -314,30 +315,6 @@ def _img2dataset_source(spec: str, path: Path, limits: dict[str, int]) -> Source
         return Source(spec=spec, kind="parquet",
                       shards=tuple(SourceShard(name=p.stem, path=p) for p in parquets), **limits)
     return None
-
-
-def img2dataset_stats(source: Source) -> dict[str, dict]:
-    """img2dataset's per-shard record (``NNNNN_stats.json`` beside the shards), by shard name, for every
-    stats file there, including shards whose every sample failed (they have no data to read).
-
-    Each value holds ``count``, ``successes``, ``failed_to_download``, ``failed_to_resize`` and
-    ``status_dict`` (reason -> count) as img2dataset writes them. Empty for sources without side files.
-    """
-    whole_folder = Path(source.spec).is_dir()  # else a pattern or one file: only its own shards count
-    names = {shard.name for shard in source.shards}
-    stats = {}
-    for folder in sorted({shard.path.parent for shard in source.shards} | ({Path(source.spec)} if whole_folder else set())):
-        for path in sorted(folder.glob("*_stats.json")):
-            if not whole_folder and path.name.removesuffix("_stats.json") not in names:
-                continue
-            try:
-                data = json.loads(path.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                raise SourceError(f"{path}: unreadable img2dataset stats ({err})") from err
-            if not isinstance(data, dict) or not isinstance(data.get("count"), int):
-                raise SourceError(f"{path}: not an img2dataset stats file (no integer 'count')")
-            stats[path.name.removesuffix("_stats.json")] = data
-    return stats
 
 
 def _iter_folder_rows(shard: SourceShard, captions: pl.DataFrame, image_root: Path,

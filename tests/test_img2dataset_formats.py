@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from softclip.pipeline.images import decode_image
-from softclip.pipeline.sources import img2dataset_stats, open_source
+from softclip.pipeline.img2dataset import img2dataset_stats
+from softclip.pipeline.sources import open_source
 
 FIXTURES = Path(__file__).parent / "fixtures" / "img2dataset"
 SUCCESS_KEYS = {"000000", "000001", "000002", "000003", "000010", "000011", "000012", "000013"}
