@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from softclip.pipeline.config import ConfigError, apply_overrides, from_dict, load_config, read_yaml, to_dict
+from softclip.pipeline.packed import PACKED_DIR
 from softclip.pipeline.registry import data_root, resolve_dataset
 from softclip.pipeline.shapes import generate as generate_shapes
 from softclip.workflows.cache import (
@@ -34,8 +35,6 @@ from softclip.workflows.config import TrainStep, WorkflowConfig
 __all__ = ["STAGES", "StageRecord", "UnreadableShardsError", "WorkflowResult", "WorkflowRunner", "load_workflow"]
 
 STAGES = ("dataset", "detector", "extract", "train", "eval")
-_PACKED_DIR = "packed"  # where extract.pack writes the WebDataset training shards, inside the extraction
-
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -210,7 +209,7 @@ class WorkflowRunner:
         artifact = self.cache.artifact("extract", artifact_key("extract", settings, inputs))
         cfg = cfg.replace(out=artifact.path)
         return self._produce(artifact, "features", settings, inputs, lambda: _extract_every_shard(cfg),
-                             outputs={"features": str(artifact.path), "packed": str(artifact.path / _PACKED_DIR)},
+                             outputs={"features": str(artifact.path), "packed": str(artifact.path / PACKED_DIR)},
                              describe=_feature_dim)
 
     def _train(self, extract: StageRecord, step: TrainStep) -> StageRecord:
