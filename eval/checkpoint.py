@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import pickle
 import re
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from softclip.train.checkpoint import verify_checkpoint
 
 __all__ = ["LoadedModel", "load_open_clip_checkpoint", "read_checkpoint_metadata", "register_model_config"]
 
@@ -35,15 +36,17 @@ class LoadedModel:
 
 
 def read_checkpoint_metadata(path: str | Path) -> dict[str, Any]:
-    """The checkpoint's ``model_name``, ``model_config`` and ``step`` (any may be absent), read memory-mapped."""
+    """The checkpoint's ``model_name``, ``model_config`` and ``step`` (any may be absent), read memory-mapped
+    after checking the file against its checksum sidecar, if it has one (CorruptCheckpointError otherwise)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist; pass the path of a saved .pt file")
+    verify_checkpoint(path)  # a training checkpoint's .sha256 sidecar, when it has one
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError) as err:
+    except Exception as err:  # noqa: BLE001 - damaged bytes raise anything from IndexError to UnpicklingError
         raise ValueError(f"{path}: not a readable torch checkpoint (truncated or not saved by torch.save?): "
-                         f"{err}") from err
+                         f"{type(err).__name__}: {' '.join(str(err).split())[:200]}") from err
     if not isinstance(checkpoint, dict):
         raise ValueError(f"{path}: expected a dict (a state dict or {{'state_dict': ...}}), got {type(checkpoint)}")
     return {key: checkpoint[key] for key in ("model_name", "model_config", "step") if key in checkpoint}

@@ -291,3 +291,16 @@ def test_a_perfect_model_scores_perfectly_at_any_batch_size_and_worker_count(tmp
     assert first["shapes-retrieval"]["image_to_text_R@1"] == 1.0
     assert first["shapes-retrieval"]["text_to_image_R@1"] == 1.0
     assert all(result == first for result in results.values()), results
+
+
+def test_eval_refuses_a_training_checkpoint_that_fails_its_checksum(tmp_path):
+    from softclip.eval.checkpoint import read_checkpoint_metadata
+    from softclip.train.checkpoint import CorruptCheckpointError, save_checkpoint
+
+    path = save_checkpoint(tmp_path, 5, {"model_name": "RN50", "step": 5, "state_dict": {"w": torch.zeros(64)}})
+    assert read_checkpoint_metadata(path) == {"model_name": "RN50", "step": 5}
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpointError, match=str(path)):
+        read_checkpoint_metadata(path)
