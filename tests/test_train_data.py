@@ -121,18 +121,31 @@ def test_resume_reads_only_what_is_left(packed, transforms):
     done = [[0, 0]]
     for batch in data.epoch_batches(0):
         done[batch["worker"]] = [batch["consumed"], batch["batches"]]
-    assert done[0][1] == data.batches_per_worker and read
+    assert done[0][1] == len(data.worker_plan(0)[2]) == data.steps_per_epoch and read
     read.clear()
     assert list(data.epoch_batches(0, done)) == [] and read == []  # an epoch-boundary checkpoint reads nothing
 
 
 def test_ranks_read_disjoint_samples(packed, transforms):
-    # one pass over each rank's shards (ranks with fewer samples than their quota cycle, and may overlap)
+    # each rank reads its own contiguous range of the epoch's samples
     keys = [{k for b in _data(transforms, packed, world_size=2, rank=r, batch_size=16, num_samples=32,
                               shuffle_buffer=4).epoch_batches(0)
              for k in b["keys"]} for r in range(2)]
     assert len(keys[0]) == len(keys[1]) == 16
     assert keys[0] and keys[1] and not keys[0] & keys[1]
+
+
+@pytest.mark.parametrize("workers", [0, 1, 2])
+def test_an_epoch_is_every_sample_exactly_once(packed, transforms, workers):
+    """3 shards of 50, 50 and 20 samples; batch 7 does not divide 120, the buffer's tail must come out."""
+    every = sorted(r.key for shard in sorted(packed.glob("*.tar")) for r, _ in read_webdataset_shard(shard))
+    data = _data(transforms, packed, num_workers=workers, batch_size=7, shuffle_buffer=30)
+    batches = list(data.epoch_batches(0))
+    assert len(batches) == data.steps_per_epoch == 18 and [len(b["keys"]) for b in batches][-1] == 120 - 17 * 7
+    assert sorted(k for b in batches for k in b["keys"]) == every
+    ranks = [[k for b in _data(transforms, packed, num_workers=workers, batch_size=8, world_size=2, rank=r,
+                               shuffle_buffer=30).epoch_batches(1) for k in b["keys"]] for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == 60 and sorted(ranks[0] + ranks[1]) == every
 
 
 def _member(tar, name, data):
@@ -156,8 +169,8 @@ def test_corrupt_samples_are_skipped_and_counted(packed, tmp_path, transforms):
                 data = json.dumps(json.loads(data) | {"status": "error"}).encode()
             _member(dst, member.name, data)
         _member(dst, "zzzz.json", b"{broken")
-    batches = list(_data(transforms, bad, num_samples=40).epoch_batches(0))
-    assert len(batches) == 5
+    batches = list(_data(transforms, bad).epoch_batches(0))  # 51 counted: 50 samples and the broken json
+    assert [len(b["keys"]) for b in batches] == [8] * 6 + [3]  # unusable samples' places hold repeats
     errors = batches[-1]["errors"]
     assert errors["bad_image"] >= 1 and errors["bad_sample"] >= 2 and errors["error_row"] >= 1
     assert not any(k.endswith(("0001", "0002", "0003")) for b in batches for k in b["keys"])
