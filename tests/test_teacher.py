@@ -13,12 +13,13 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from softclip.pipeline.annotation_features import write_annotation_shards
 from softclip.pipeline.config import apply_overrides, load_config
 from softclip.pipeline.shapes import ShapesConfig, generate
 from softclip.train.config import TrainConfig
-from softclip.train.loop import train
+from softclip.train.loop import _teacher_views, train
 
 CONFIG = Path(__file__).parents[1] / "train" / "configs" / "shapes-softclip.yaml"
 # The shipped SoftCLIP default before the teacher design, in today's switches.
@@ -53,3 +54,23 @@ def test_the_default_teacher_does_not_collapse(teacher_world, tmp_path):
     for row in late:
         assert row["neg_entropy_i2t"] < 3.0 and row["neg_entropy_t2i"] < 3.0, row
         assert row["cos_r"] < 0.7, row
+
+
+@pytest.mark.parametrize("text_target", ["text", "ema_text", "tagset"])
+def test_detached_teacher_gets_no_gradient_from_the_soft_terms(text_target):
+    """Through the tag pass and into the ROI branch, the soft terms' gradient is exactly zero."""
+    from test_train import _tiny_step_setup
+
+    model, loss_fn, _, batch = _tiny_step_setup(image_target="roi", text_target=text_target)
+    out = model(batch["images"], batch["texts"], tags=batch["tags"] if text_target == "text" else None,
+                ema_tags=batch["tags"] if text_target == "ema_text" else None, roi_features=batch["roi_features"],
+                roi_geometry=batch["roi_geometry"], roi_mask=batch["roi_mask"])
+    views = _teacher_views(out, batch, loss_fn.views, torch.device("cpu"))
+    losses = loss_fn(out["image"], out["text"], out["logit_scale"], views)
+    teacher = [out["roi"]] + ([out["tag"]] if text_target == "text" else [])
+    soft = losses["loss_soft"] + losses["loss_neg"]
+    assert soft > 0
+    grads = torch.autograd.grad(soft, teacher + list(model.roi.parameters()), allow_unused=True, retain_graph=True)
+    assert all(g is None or not g.any() for g in grads)  # exactly zero into r, the tag pass and the ROI weights
+    roi_grads = torch.autograd.grad(losses["loss"], list(model.roi.parameters()), allow_unused=True)
+    assert any(g is not None and g.any() for g in roi_grads)  # L_roi still trains the ROI branch
