@@ -171,6 +171,29 @@ def test_beta_zero_is_refused_unless_clip():
     assert LossConfig(beta=0.0, lam=0.0, mu=0.0).beta == 0.0  # CLIP ignores beta
 
 
+def test_loss_config_validates_the_teacher_switches():
+    with pytest.raises(ValueError, match="image_target=none and loss.text_target=none"):
+        LossConfig(image_target="none", text_target="none")
+    assert LossConfig(image_target="none", text_target="none", lam=0.0, mu=0.0).roi_weight == 1.0  # control
+    for bad in ({"tau_text": 0.0}, {"roi_weight": -1.0}, {"ema_decay": 1.0}):
+        with pytest.raises(ValueError, match="loss."):
+            LossConfig(**bad)
+    default = LossConfig()
+    assert default.detach_targets and default.ramp and (default.image_target, default.text_target) == ("roi", "tagset")
+
+
+def test_soft_ramp_grows_over_the_warm_up():
+    from softclip.train.config import DataConfig, ModelConfig, OptimConfig
+    from softclip.train.loop import soft_ramp
+
+    cfg = TrainConfig(run_dir=Path("x"), model=ModelConfig(name="x"), data=DataConfig(train_shards="x"),
+                      optim=OptimConfig(warmup_steps=4))
+    assert [soft_ramp(s, cfg) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    off = TrainConfig(run_dir=Path("x"), model=ModelConfig(name="x"), data=DataConfig(train_shards="x"),
+                      optim=OptimConfig(warmup_steps=4), loss=LossConfig(ramp=False))
+    assert soft_ramp(0, off) == 1.0
+
+
 def test_metrics_resume_drops_a_half_written_last_line_only(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.9}\n{"step": 3, "lo')
@@ -246,3 +269,28 @@ def test_a_non_finite_batch_never_reaches_the_weights():
     assert float(out["nonfinite"]) == 0.0 and torch.isfinite(out["loss"])
     assert not torch.equal(model.roi.query, before["roi.query"])  # training goes on from the same weights
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_threads_leave_a_core_per_loader_worker(monkeypatch):
+    import os
+
+    from softclip.train.config import DataConfig, ModelConfig
+    from softclip.train.data import _one_thread
+    from softclip.train.loop import _set_threads
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    try:
+        for workers, threads, expected in ((1, 0, 5), (2, 0, 4), (8, 0, 1), (1, 3, 3)):
+            _set_threads(TrainConfig(run_dir=Path("x"), model=ModelConfig(name="x"),
+                                     data=DataConfig(train_shards="x", num_workers=workers, threads=threads)))
+            assert torch.get_num_threads() == expected
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two ranks on the node share the 6 cores
+        _set_threads(TrainConfig(run_dir=Path("x"), model=ModelConfig(name="x"),
+                                 data=DataConfig(train_shards="x", num_workers=1)))
+        assert torch.get_num_threads() == 2
+        _one_thread(0)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
