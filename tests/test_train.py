@@ -63,18 +63,21 @@ def test_roi_tokens_get_no_weight_decay():
     assert id(model.roi.input_proj.weight) in {id(p) for p in decay["params"]}
 
 
-def test_resume_continues_exactly(data_root, tmp_path):
-    straight = train(_cfg(data_root, tmp_path / "a", "shapes-softclip", "optim.max_steps=4"))
+@pytest.mark.parametrize("text_target", ["tagset", "ema_text"])  # ema_text: the EMA tower is checkpointed too
+def test_resume_continues_exactly(data_root, tmp_path, text_target):
+    straight = train(_cfg(data_root, tmp_path / "a", "shapes-softclip", "optim.max_steps=4", f"loss.text_target={text_target}"))
     first = train(_cfg(data_root, tmp_path / "b", "shapes-softclip", "optim.max_steps=4",
-                       "log.checkpoint_every_n_steps=2", "log.keep_checkpoints=0"))
+                       f"loss.text_target={text_target}", "log.checkpoint_every_n_steps=2", "log.keep_checkpoints=0"))
     assert first.steps == straight.steps == 4
     resumed = train(_cfg(data_root, tmp_path / "b", "shapes-softclip", "optim.max_steps=4", "log.every_n_steps=4",
+                         f"loss.text_target={text_target}",
                          "model.grad_checkpointing=true"),  # a runtime setting: free to change on resume
                     resume=str(tmp_path / "b" / "checkpoints" / "step_0000002.pt"))
     assert resumed.steps == 4
     a = torch.load(tmp_path / "a" / "checkpoints" / "latest.pt", weights_only=True)
     b = torch.load(tmp_path / "b" / "checkpoints" / "latest.pt", weights_only=True)
-    for key in ("state_dict", "roi_state_dict"):
+    assert ("ema_state_dict" in a) == (text_target == "ema_text")
+    for key in ("state_dict", "roi_state_dict", "ema_state_dict")[: 2 + ("ema_state_dict" in a)]:
         for name, tensor in a[key].items():
             torch.testing.assert_close(b[key][name], tensor, rtol=1e-5, atol=1e-6, msg=name)
     assert a["data_position"] == b["data_position"] and a["step"] == b["step"] == 4
