@@ -220,7 +220,8 @@ class SoftCLIPLoss(nn.Module):
             :func:`tagset_vectors`); or ``student`` (the model's own image / caption embeddings, detached),
             ``uniform`` (label smoothing: uniform over the negatives) or ``none`` (no soft terms that way).
         tau_image, tau_text: ``tau_s`` of each side's self-similarity (see :func:`calibrate_tau`).
-        roi_weight: weight of ``L_roi``, InfoNCE between ``r`` and the captions: what trains the ROI branch.
+        roi_weight: weight of ``L_roi``, InfoNCE between ``r`` and the captions: what trains the ROI branch
+            (its gradient reaches the caption embeddings too, as in the matched control).
         detach_targets: stop gradients into the targets (the teacher): the ROI branch then learns from
             ``L_roi`` only and the tag pass of the text tower gets no gradient.
         world_size: ranks to gather embeddings from (:func:`gather_features`, with gradient).
