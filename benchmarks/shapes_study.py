@@ -41,19 +41,22 @@ from softclip.workflows.runner import WorkflowRunner
 ROOT = Path(__file__).resolve().parents[1]
 
 METHODS = {  # part 1: name -> training overrides
-    "clip": ["loss.lam=0", "loss.mu=0"],
-    "label_smoothing": ["loss.target_source=label_smoothing"],
+    "clip": ["loss.lam=0", "loss.mu=0", "loss.roi_weight=0"],
+    "matched_control": ["loss.lam=0", "loss.mu=0"],  # CLIP + the ROI-to-caption InfoNCE, no soft terms
+    "label_smoothing": ["loss.image_target=uniform", "loss.text_target=uniform"],
     "softclip": [],
 }
 VARIANTS = {  # part 2, at the ablation noise level: SoftCLIP with one switch changed
     "softclip": [],
-    "target=roi": ["loss.target_source=roi"],
-    "target=tag": ["loss.target_source=tag"],
-    "target=raw": ["loss.target_source=raw"],
+    "image=roi_mean": ["loss.image_target=roi_mean", "loss.tau_image=0.01"],
+    "text=text": ["loss.text_target=text"],
+    "text=ema_text": ["loss.text_target=ema_text"],
+    "target=student": ["loss.image_target=student", "loss.text_target=student"],  # own detached embeddings
+    "aggregator=mhsa": ["model.aggregator=mhsa"],
     "aggregator=mean": ["model.aggregator=mean"],
     "aggregator=max": ["model.aggregator=max"],
     "aggregator=min": ["model.aggregator=min"],
-    "detach_targets": ["loss.detach_targets=true"],
+    "detach_targets=false": ["loss.detach_targets=false"],
 }
 METRICS = {
     "zero-shot shape top-1": ("shapes-shape", "top1"),
@@ -146,16 +149,19 @@ def run_workflow(config: WorkflowConfig, cache: ArtifactCache, compute: dict[str
 
 
 def target_entropy(train_dirs: dict[str, Path], runs: list[str], seeds: list[int]) -> dict[str, dict[str, float]]:
-    """``run -> {step1, step10, last}``: the soft targets' mean row entropy in nats, averaged over seeds.
+    """``run -> {step1, step10, last}``: the negatives-only target entropy H(~Y) in nats (mean of the two
+    directions), averaged over seeds.
 
-    Read from each run's ``metrics.jsonl`` (``entropy_target``, logged by ``train.losses.SoftCLIPLoss``); a
-    target that collapsed to label smoothing has the entropy of the label-smoothing run."""
+    Read from each run's ``metrics.jsonl`` (``neg_entropy_i2t`` / ``neg_entropy_t2i``, logged by
+    ``train.losses.SoftCLIPLoss``); a target that collapsed to label smoothing is at ln(N - 1)."""
     table = {}
     for name in runs:
         points = collections.defaultdict(list)
         for seed in seeds:
             lines = (train_dirs[f"{name}@seed{seed}"] / "metrics.jsonl").read_text().splitlines()
-            by_step = {row["step"]: row["entropy_target"] for row in map(json.loads, lines) if "entropy_target" in row}
+            rows = map(json.loads, lines)
+            by_step = {row["step"]: statistics.fmean(row[k] for k in row if k.startswith("neg_entropy_"))
+                       for row in rows if any(k.startswith("neg_entropy_") for k in row)}
             points["step1"].append(by_step[min(by_step)])
             points["step10"].append(by_step[10])
             points["last"].append(by_step[max(by_step)])
@@ -165,8 +171,9 @@ def target_entropy(train_dirs: dict[str, Path], runs: list[str], seeds: list[int
 
 def entropy_markdown(entropy: dict[str, dict[str, dict[str, float]]]) -> str:
     lines = ["### Soft-target entropy", "",
-             "Mean row entropy of the soft targets in nats (mean over seeds) at training step 1, step 10 and "
-             "the last step; label smoothing is the collapsed reference.", "",
+             "Negatives-only target entropy H(~Y) in nats (both directions and seeds averaged) at training "
+             "step 1, step 10 and the last step; uniform (label smoothing, or a collapsed teacher) is "
+             "ln(N - 1).", "",
              "| run | step 1 | step 10 | last step |", "|---|---|---|---|"]
     for setting, table in entropy.items():
         for name, row in table.items():

@@ -48,7 +48,9 @@ def run_dir(shapes_world, tmp_path_factory) -> Path:
         f"run_dir={root / 'run'}", f"data.root={root}", "data.batch_size=16", "data.num_workers=0",
         "data.shuffle_buffer=16", "model.roi_width=32", "optim.max_steps=2", "log.progress=false",
         "log.tensorboard=false"])
+    threads = torch.get_num_threads()
     train(cfg)
+    assert torch.get_num_threads() == threads  # training sets its own and puts the caller's back
     return root / "run"
 
 

@@ -35,6 +35,7 @@ def test_train_step_on_cuda_matches_cpu_and_bf16_is_finite():
     from pathlib import Path
 
     from softclip.train.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
+    from softclip.train.data import tagset_ids
     from softclip.train.loop import param_groups, train_step
     from softclip.train.losses import SoftCLIPLoss
     from softclip.train.model import build_model
@@ -47,10 +48,11 @@ def test_train_step_on_cuda_matches_cpu_and_bf16_is_finite():
         gen = torch.Generator().manual_seed(0)
         batch = {"images": torch.randn(8, 3, 64, 64, generator=gen), "texts": tokenizer(["a red circle"] * 8),
                  "tags": tokenizer(["red circle"] * 8), "roi_features": torch.rand(8, 3, 8, generator=gen).half(),
-                 "roi_geometry": torch.rand(8, 3, 6, generator=gen), "roi_mask": torch.ones(8, 3, dtype=torch.bool)}
+                 "roi_geometry": torch.rand(8, 3, 6, generator=gen), "roi_mask": torch.ones(8, 3, dtype=torch.bool),
+                 "tagset": torch.tensor([tagset_ids("red circle, blue star")] * 8)}
         cfg = TrainConfig(run_dir=Path("unused"), model=ModelConfig(name="shapes-tiny"),
                           data=DataConfig(train_shards="x"), optim=OptimConfig(precision=precision))
-        optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4)
+        optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4, fused=True)
         return float(train_step(model, SoftCLIPLoss(), optimizer, batch, cfg, torch.device(device))["loss"])
 
     cpu, gpu, bf16 = step("cpu", "fp32"), step("cuda", "fp32"), step("cuda", "bf16")

@@ -37,8 +37,8 @@ def test_target_entropy_reads_steps_1_10_and_last(study, tmp_path):
     for seed, last in [(0, 1.6), (1, 1.8)]:
         run = tmp_path / f"run{seed}"
         run.mkdir()
-        rows = [{"step": 1, "entropy_target": 1.0}, {"step": 10, "entropy_target": 1.8},
-                {"step": 20, "entropy_target": 1.7, "loss": 2.0}, {"step": 23, "entropy_target": last}]
+        rows = [{"step": 1, "neg_entropy_i2t": 1.0}, {"step": 10, "neg_entropy_i2t": 1.6, "neg_entropy_t2i": 2.0},
+                {"step": 20, "neg_entropy_i2t": 1.7, "loss": 2.0}, {"step": 23, "neg_entropy_t2i": last}]
         (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         dirs[f"softclip@seed{seed}"] = run
     table = study.target_entropy(dirs, ["softclip"], [0, 1])

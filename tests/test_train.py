@@ -52,18 +52,32 @@ def test_cosine_schedule_and_param_groups():
     assert [p.shape for p in decay["params"]] == [(3, 3)] and len(no_decay["params"]) == 3
 
 
-def test_resume_continues_exactly(data_root, tmp_path):
-    straight = train(_cfg(data_root, tmp_path / "a", "shapes-softclip", "optim.max_steps=4"))
+def test_roi_tokens_get_no_weight_decay():
+    from softclip.train.config import ModelConfig
+    from softclip.train.model import build_model
+
+    model = build_model(ModelConfig(name="shapes-tiny", roi_feature_dim=72, roi_width=32, roi_heads=4))[0]
+    no_decay, decay = param_groups(model, 0.1)
+    tokens = {id(model.roi.query), id(model.roi.no_box)}
+    assert tokens <= {id(p) for p in no_decay["params"]} and not tokens & {id(p) for p in decay["params"]}
+    assert id(model.roi.input_proj.weight) in {id(p) for p in decay["params"]}
+
+
+@pytest.mark.parametrize("text_target", ["tagset", "ema_text"])  # ema_text: the EMA tower is checkpointed too
+def test_resume_continues_exactly(data_root, tmp_path, text_target):
+    straight = train(_cfg(data_root, tmp_path / "a", "shapes-softclip", "optim.max_steps=4", f"loss.text_target={text_target}"))
     first = train(_cfg(data_root, tmp_path / "b", "shapes-softclip", "optim.max_steps=4",
-                       "log.checkpoint_every_n_steps=2", "log.keep_checkpoints=0"))
+                       f"loss.text_target={text_target}", "log.checkpoint_every_n_steps=2", "log.keep_checkpoints=0"))
     assert first.steps == straight.steps == 4
     resumed = train(_cfg(data_root, tmp_path / "b", "shapes-softclip", "optim.max_steps=4", "log.every_n_steps=4",
+                         f"loss.text_target={text_target}",
                          "model.grad_checkpointing=true"),  # a runtime setting: free to change on resume
                     resume=str(tmp_path / "b" / "checkpoints" / "step_0000002.pt"))
     assert resumed.steps == 4
     a = torch.load(tmp_path / "a" / "checkpoints" / "latest.pt", weights_only=True)
     b = torch.load(tmp_path / "b" / "checkpoints" / "latest.pt", weights_only=True)
-    for key in ("state_dict", "roi_state_dict"):
+    assert ("ema_state_dict" in a) == (text_target == "ema_text")
+    for key in ("state_dict", "roi_state_dict", "ema_state_dict")[: 2 + ("ema_state_dict" in a)]:
         for name, tensor in a[key].items():
             torch.testing.assert_close(b[key][name], tensor, rtol=1e-5, atol=1e-6, msg=name)
     assert a["data_position"] == b["data_position"] and a["step"] == b["step"] == 4
@@ -108,7 +122,7 @@ def test_cli_trains_clip_and_checkpoint_loads(data_root, tmp_path, monkeypatch):
 def test_shapes_configs_train_with_falling_loss(data_root, tmp_path, name):
     summary = train(_cfg(data_root, tmp_path / name, name, "data.batch_size=32", "optim.epochs=8",
                          "log.every_n_steps=4"))
-    assert summary.steps == 24 and summary.last_loss < 0.85 * summary.first_loss
+    assert summary.steps == 32 and summary.last_loss < 0.85 * summary.first_loss  # 8 epochs of ceil(120 / 32)
 
 
 def _ddp_train(rank, world_size, port, cfg):
@@ -143,10 +157,13 @@ def test_two_process_gloo_training_writes_one_checkpoint(data_root, tmp_path, na
 def test_a_non_finite_loss_stops_training_with_advice():
     from softclip.train.loop import _log_metrics
 
-    timing = {"elapsed": 1.0, "steps": 1, "data_wait": 0.0}
+    timing = {"elapsed": 1.0, "steps": 1, "data_wait": 0.0, "nonfinite": torch.tensor(1.0)}
     with pytest.raises(FloatingPointError, match="diverged; lower optim.lr"):
-        _log_metrics({"loss": torch.tensor(float("nan"))}, 1e-3, timing, {}, 16)
-    assert _log_metrics({"loss": torch.tensor(2.0)}, 1e-3, timing, {}, 16)["samples_per_s"] == 16.0
+        _log_metrics({"loss": torch.tensor(float("nan"))}, 1e-3, timing, {}, 16, False)
+    skipped = _log_metrics({"loss": torch.tensor(float("nan"))}, 1e-3, timing, {}, 16, True)
+    assert skipped["nonfinite_steps"] == 1.0
+    timing["nonfinite"] = torch.tensor(0.0)
+    assert _log_metrics({"loss": torch.tensor(2.0)}, 1e-3, timing, {}, 16, False)["samples_per_s"] == 16.0
 
 
 def test_beta_zero_is_refused_unless_clip():
@@ -155,6 +172,29 @@ def test_beta_zero_is_refused_unless_clip():
     with pytest.raises(ValueError, match="loss.beta=0"):
         LossConfig(beta=0.0, lam=1.0, mu=0.0)
     assert LossConfig(beta=0.0, lam=0.0, mu=0.0).beta == 0.0  # CLIP ignores beta
+
+
+def test_loss_config_validates_the_teacher_switches():
+    with pytest.raises(ValueError, match="image_target=none and loss.text_target=none"):
+        LossConfig(image_target="none", text_target="none")
+    assert LossConfig(image_target="none", text_target="none", lam=0.0, mu=0.0).roi_weight == 1.0  # control
+    for bad in ({"tau_text": 0.0}, {"roi_weight": -1.0}, {"ema_decay": 1.0}):
+        with pytest.raises(ValueError, match="loss."):
+            LossConfig(**bad)
+    default = LossConfig()
+    assert default.detach_targets and default.ramp and (default.image_target, default.text_target) == ("roi", "tagset")
+
+
+def test_soft_ramp_grows_over_the_warm_up():
+    from softclip.train.config import DataConfig, ModelConfig, OptimConfig
+    from softclip.train.loop import soft_ramp
+
+    cfg = TrainConfig(run_dir=Path("x"), model=ModelConfig(name="x"), data=DataConfig(train_shards="x"),
+                      optim=OptimConfig(warmup_steps=4))
+    assert [soft_ramp(s, cfg) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    off = TrainConfig(run_dir=Path("x"), model=ModelConfig(name="x"), data=DataConfig(train_shards="x"),
+                      optim=OptimConfig(warmup_steps=4), loss=LossConfig(ramp=False))
+    assert soft_ramp(0, off) == 1.0
 
 
 def test_metrics_resume_drops_a_half_written_last_line_only(tmp_path):
@@ -192,3 +232,68 @@ def test_run_dir_guards_and_bad_resume_files(data_root, tmp_path):
     groups = torch.load(latest, weights_only=True)["optimizer"]["param_groups"]
     assert [g["weight_decay"] for g in groups] == [0.0, 0.05]  # the run's overrides, not the saved values
     assert all(g["eps"] == 1e-8 and tuple(g["betas"]) == (0.8, 0.9) for g in groups)
+
+
+def _tiny_step_setup(**loss):
+    from softclip.train.config import ModelConfig
+    from softclip.train.data import tagset_ids
+    from softclip.train.losses import SoftCLIPLoss
+    from softclip.train.model import build_model
+
+    torch.manual_seed(0)
+    model, _, _, tokenizer = build_model(ModelConfig(name="shapes-tiny", roi_feature_dim=8, roi_width=16,
+                                                     roi_heads=4), ema_text=loss.get("text_target") == "ema_text")
+    loss_fn = SoftCLIPLoss(**loss)
+    optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-2, fused=True)
+    tags = ["red circle, blue star", "green square", "red star", "blue circle"]
+    ids = [tagset_ids(t) for t in tags]
+    batch = {"images": torch.randn(4, 3, 64, 64), "texts": tokenizer(["a red circle"] * 2 + ["a star"] * 2),
+             "tags": tokenizer(tags), "roi_features": torch.randn(4, 3, 8).half(), "roi_geometry": torch.rand(4, 3, 6),
+             "roi_mask": torch.ones(4, 3, dtype=torch.bool),
+             "tagset": torch.tensor([row + [-1] * (6 - len(row)) for row in ids])}
+    return model, loss_fn, optimizer, batch
+
+
+def test_a_non_finite_batch_never_reaches_the_weights():
+    from softclip.train.loop import train_step
+
+    model, loss_fn, optimizer, batch = _tiny_step_setup()
+    from softclip.train.config import DataConfig, ModelConfig
+
+    config = TrainConfig(run_dir=Path("unused"), model=ModelConfig(name="shapes-tiny"),
+                         data=DataConfig(train_shards="unused"))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    bad = batch | {"images": torch.full_like(batch["images"], float("nan"))}
+    out = train_step(model, loss_fn, optimizer, bad, config, torch.device("cpu"))
+    assert float(out["nonfinite"]) == 1.0 and not torch.isfinite(out["loss"])
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), name  # the update was skipped on the device
+    out = train_step(model, loss_fn, optimizer, batch, config, torch.device("cpu"))
+    assert float(out["nonfinite"]) == 0.0 and torch.isfinite(out["loss"])
+    assert not torch.equal(model.roi.query, before["roi.query"])  # training goes on from the same weights
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_threads_leave_a_core_per_loader_worker(monkeypatch):
+    import os
+
+    from softclip.train.config import DataConfig, ModelConfig
+    from softclip.train.data import _one_thread
+    from softclip.train.loop import _set_threads
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    try:
+        for workers, threads, expected in ((1, 0, 5), (2, 0, 4), (8, 0, 1), (1, 3, 3)):
+            _set_threads(TrainConfig(run_dir=Path("x"), model=ModelConfig(name="x"),
+                                     data=DataConfig(train_shards="x", num_workers=workers, threads=threads)))
+            assert torch.get_num_threads() == expected
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two ranks on the node share the 6 cores
+        _set_threads(TrainConfig(run_dir=Path("x"), model=ModelConfig(name="x"),
+                                 data=DataConfig(train_shards="x", num_workers=1)))
+        assert torch.get_num_threads() == 2
+        _one_thread(0)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

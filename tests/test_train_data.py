@@ -20,7 +20,7 @@ from softclip.pipeline.annotation_features import (
 from softclip.pipeline.packed import ROI_MEMBER, read_packed_sample
 from softclip.pipeline.shards import read_feature_table
 from softclip.train.config import DataConfig, ModelConfig
-from softclip.train.data import TrainData, count_samples, expand_shards
+from softclip.train.data import TrainData, count_samples, expand_shards, tagset_ids
 from softclip.train.model import build_model
 
 
@@ -55,7 +55,8 @@ def test_annotation_features(packed, shapes_world):
     assert all(np.array_equal(s.roi_features, r.roi_features) and s.tags == r.tags for s, r in zip(samples, records))
     record = records[0]
     assert record.roi_features.shape == (record.num_boxes, 72) and record.roi_features.dtype == np.float16
-    assert record.tags == " ".join(f"{a[0]} {c}" for a, c in zip(record.attr_names, record.class_names))
+    # one "colour shape" phrase per box, joined like the detector's tags (extract.vinvl.format_tags)
+    assert record.tags == ", ".join(f"{a[0]} {c}" for a, c in zip(record.attr_names, record.class_names))
     from PIL import Image
 
     red = Image.new("RGB", (20, 20), (255, 0, 0))
@@ -77,6 +78,26 @@ def test_packed_and_parquet_routes_give_the_same_batches(packed, shapes_world, t
     batch = wds[0]
     assert batch["images"].shape == (8, 3, 64, 64) and batch["roi_features"].shape == (8, 5, 72)
     assert batch["roi_mask"].any(1).all()
+    for a, b in zip(wds, pq):
+        assert torch.equal(a["tagset"], b["tagset"])
+
+
+def test_tagset_ids_are_phrases_and_words():
+    ids = tagset_ids("Red circle, red star,  red circle")
+    expected = {"p:red circle", "p:red star", "w:red", "w:circle", "w:star"}
+    import zlib
+
+    assert ids == sorted(zlib.crc32(f.encode()) for f in expected)
+    assert tagset_ids("") == [] and tagset_ids(" , ") == []
+
+
+def test_batches_carry_each_samples_tag_set(packed, transforms):
+    batch = next(_data(transforms, packed).epoch_batches(0))
+    assert batch["tagset"].dtype == torch.int64 and batch["tagset"].shape[0] == 8
+    records = {r.key: r for shard in sorted(packed.glob("*.parquet")) for r in table_to_records(read_feature_table(shard))}
+    for key, row in zip(batch["keys"], batch["tagset"]):
+        assert row[row >= 0].tolist() == tagset_ids(records[key].tags)
+        assert (row[len(tagset_ids(records[key].tags)):] == -1).all()
 
 
 def test_epochs_differ_and_resume_positions_are_exact(packed, transforms):
@@ -106,18 +127,31 @@ def test_resume_reads_only_what_is_left(packed, transforms):
     done = [[0, 0]]
     for batch in data.epoch_batches(0):
         done[batch["worker"]] = [batch["consumed"], batch["batches"]]
-    assert done[0][1] == data.batches_per_worker and read
+    assert done[0][1] == len(data.worker_plan(0)[2]) == data.steps_per_epoch and read
     read.clear()
     assert list(data.epoch_batches(0, done)) == [] and read == []  # an epoch-boundary checkpoint reads nothing
 
 
 def test_ranks_read_disjoint_samples(packed, transforms):
-    # one pass over each rank's shards (ranks with fewer samples than their quota cycle, and may overlap)
+    # each rank reads its own contiguous range of the epoch's samples
     keys = [{k for b in _data(transforms, packed, world_size=2, rank=r, batch_size=16, num_samples=32,
                               shuffle_buffer=4).epoch_batches(0)
              for k in b["keys"]} for r in range(2)]
     assert len(keys[0]) == len(keys[1]) == 16
     assert keys[0] and keys[1] and not keys[0] & keys[1]
+
+
+@pytest.mark.parametrize("workers", [0, 1, 2])
+def test_an_epoch_is_every_sample_exactly_once(packed, transforms, workers):
+    """3 shards of 50, 50 and 20 samples; batch 7 does not divide 120, the buffer's tail must come out."""
+    every = sorted(key for shard in sorted(packed.glob("*.parquet")) for key in read_feature_table(shard).column("key").to_pylist())
+    data = _data(transforms, packed, num_workers=workers, batch_size=7, shuffle_buffer=30)
+    batches = list(data.epoch_batches(0))
+    assert len(batches) == data.steps_per_epoch == 18 and [len(b["keys"]) for b in batches][-1] == 120 - 17 * 7
+    assert sorted(k for b in batches for k in b["keys"]) == every
+    ranks = [[k for b in _data(transforms, packed, num_workers=workers, batch_size=8, world_size=2, rank=r,
+                               shuffle_buffer=30).epoch_batches(1) for k in b["keys"]] for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == 60 and sorted(ranks[0] + ranks[1]) == every
 
 
 def _member(tar, name, data):
@@ -141,8 +175,8 @@ def test_corrupt_samples_are_skipped_and_counted(packed, tmp_path, transforms):
                 data = json.dumps(json.loads(data) | {"packed_version": 1}).encode()
             _member(dst, member.name, data)
         _member(dst, "zzzz.json", b"{broken")
-    batches = list(_data(transforms, bad, num_samples=40).epoch_batches(0))
-    assert len(batches) == 5
+    batches = list(_data(transforms, bad).epoch_batches(0))  # 51 counted: 50 samples and the broken json
+    assert [len(b["keys"]) for b in batches] == [8] * 6 + [3]  # unusable samples' places hold repeats
     errors = batches[-1]["errors"]
     assert errors["bad_image"] >= 1 and errors["bad_sample"] >= 3
     assert not any(k.endswith(("0001", "0002", "0003")) for b in batches for k in b["keys"])
