@@ -1,1 +1,1 @@
-__all__ = ["checkpoint", "cli", "datasets", "embed", "evaluate", "report", "retrieval", "zeroshot"]
+__all__ = ["checkpoint", "cli", "consistent", "datasets", "embed", "evaluate", "report", "retrieval", "zeroshot"]
