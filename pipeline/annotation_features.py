@@ -78,7 +78,7 @@ def annotation_record(sample: Sample) -> FeatureRecord:
         labels=np.array([SHAPES.index(s) for s in shapes], dtype=np.int32),
         scores=np.ones(len(objects), dtype=np.float32), class_names=shapes,
         attr_labels=[[COLOURS.index(c)] for c in colours], attr_names=[[c] for c in colours],
-        attr_scores=[[1.0] for _ in colours], tags=" ".join(f"{c} {s}" for c, s in zip(colours, shapes)),
+        attr_scores=[[1.0] for _ in colours], tags=", ".join(f"{c} {s}" for c, s in zip(colours, shapes)),
         detector=ANNOTATION_DETECTOR,
     )
 

@@ -21,6 +21,8 @@ from softclip.train.losses import (
     soft_loss,
     softened_targets,
     symmetric_kl,
+    tagset_similarity,
+    tagset_vectors,
 )
 
 
@@ -126,6 +128,20 @@ def test_target_sources(source):
         torch.testing.assert_close(y.sum(1), torch.ones(5))
         assert float(y[0, 1]) == pytest.approx(0.3 / 4)
     assert loss.needs_roi == (source == "roi") and loss.needs_tags == (source == "tag")
+
+
+def test_tagset_similarity_is_the_cosine_of_multi_hot_sets():
+    from softclip.train.data import tagset_ids
+
+    tags = ["red circle, blue star", "red circle", "green square", ""]
+    width = max(len(tagset_ids(t)) for t in tags)
+    ids = torch.tensor([tagset_ids(t) + [-1] * (width - len(tagset_ids(t))) for t in tags])
+    h = tagset_vectors(ids)
+    sets = [set(tagset_ids(t)) for t in tags]
+    cos = torch.tensor([[len(a & b) / math.sqrt(len(a) * len(b)) if a and b else 0.0 for b in sets] for a in sets])
+    torch.testing.assert_close(h @ h.T, cos)  # no bucket collision among these few features
+    assert math.isclose(float(cos[0, 1]), 3 / math.sqrt(6 * 3), rel_tol=1e-6)  # "red circle", red, circle
+    torch.testing.assert_close(tagset_similarity(ids, 0.5), torch.log_softmax(cos / 0.5, dim=1))
 
 
 def test_single_pair_batch_is_finite():

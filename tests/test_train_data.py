@@ -17,7 +17,7 @@ from softclip.pipeline.annotation_features import (
 )
 from softclip.pipeline.shards import read_webdataset_shard
 from softclip.train.config import DataConfig, ModelConfig
-from softclip.train.data import TrainData, count_samples, expand_shards
+from softclip.train.data import TrainData, count_samples, expand_shards, tagset_ids
 from softclip.train.model import build_model
 
 
@@ -49,7 +49,8 @@ def test_annotation_features(packed, shapes_world):
     assert len(records) == 50 and all(r.detector == "annotations" for r in records)
     record = records[0]
     assert record.roi_features.shape == (record.num_boxes, 72) and record.roi_features.dtype == np.float16
-    assert record.tags == " ".join(f"{a[0]} {c}" for a, c in zip(record.attr_names, record.class_names))
+    # one "colour shape" phrase per box, joined like the detector's tags (extract.vinvl.format_tags)
+    assert record.tags == ", ".join(f"{a[0]} {c}" for a, c in zip(record.attr_names, record.class_names))
     from PIL import Image
 
     red = Image.new("RGB", (20, 20), (255, 0, 0))
@@ -71,6 +72,26 @@ def test_packed_and_parquet_routes_give_the_same_batches(packed, shapes_world, t
     batch = wds[0]
     assert batch["images"].shape == (8, 3, 64, 64) and batch["roi_features"].shape == (8, 5, 72)
     assert batch["roi_mask"].any(1).all()
+    for a, b in zip(wds, pq):
+        assert torch.equal(a["tagset"], b["tagset"])
+
+
+def test_tagset_ids_are_phrases_and_words():
+    ids = tagset_ids("Red circle, red star,  red circle")
+    expected = {"p:red circle", "p:red star", "w:red", "w:circle", "w:star"}
+    import zlib
+
+    assert ids == sorted(zlib.crc32(f.encode()) for f in expected)
+    assert tagset_ids("") == [] and tagset_ids(" , ") == []
+
+
+def test_batches_carry_each_samples_tag_set(packed, transforms):
+    batch = next(_data(transforms, packed).epoch_batches(0))
+    assert batch["tagset"].dtype == torch.int64 and batch["tagset"].shape[0] == 8
+    records = {r.key: r for shard in sorted(packed.glob("*.tar")) for r, _ in read_webdataset_shard(shard)}
+    for key, row in zip(batch["keys"], batch["tagset"]):
+        assert row[row >= 0].tolist() == tagset_ids(records[key].tags)
+        assert (row[len(tagset_ids(records[key].tags)):] == -1).all()
 
 
 def test_epochs_differ_and_resume_positions_are_exact(packed, transforms):

@@ -37,7 +37,7 @@ from softclip.pipeline.shards import ragged_column, read_feature_table, sample_t
 from softclip.pipeline.sources import open_source
 from softclip.train.config import DataConfig, resolve_data_path
 
-__all__ = ["ERROR_KINDS", "TrainData", "count_samples", "expand_shards"]
+__all__ = ["ERROR_KINDS", "TrainData", "count_samples", "expand_shards", "tagset_ids"]
 
 ERROR_KINDS = ("bad_member", "bad_sample", "error_row", "bad_image", "unmatched")
 _PARQUET_COLUMNS = ["key", "status", "caption", "tags", "roi_features", "geometry", "scores"]
@@ -55,6 +55,29 @@ class _Raw:
     geometry: np.ndarray  # [n, 6]
     scores: np.ndarray  # [n]
     image: bytes | None
+
+
+def tagset_ids(tags: str) -> list[int]:
+    """The tag set of one image as sorted, distinct 32-bit feature ids (the input of
+    :func:`train.losses.tagset_vectors`).
+
+    ``tags`` is the detector's text, ``"attr attr class"`` per box, boxes joined by ``", "``
+    (:func:`extract.vinvl.format_tags`). Its features are every whole phrase (``"p:large blue star"``) and
+    every word (``"w:blue"``), lower-cased; VinVL's vocabulary is 1,600 classes and 400 attributes, so the
+    word features alone are a multi-hot over at most 2,000 names and the phrase features keep which
+    attribute goes with which class. A feature's id is ``zlib.crc32`` of its UTF-8 text: deterministic
+    across processes and machines, no vocabulary file, and the same id whichever shard or labelmap the
+    tags came from. Repeated boxes count once (a set, not a bag).
+
+    Example: ``tagset_ids("red circle, red star")`` has 5 ids: 2 phrases and the words red, circle, star.
+    """
+    features = set()
+    for phrase in tags.lower().split(","):
+        words = phrase.split()
+        if words:
+            features.add("p:" + " ".join(words))
+            features.update("w:" + word for word in words)
+    return sorted(zlib.crc32(f.encode()) for f in features)
 
 
 def expand_shards(spec: str, suffix: str) -> list[Path]:
@@ -115,8 +138,9 @@ class TrainData:
 
     A batch is a dict: ``images [B, 3, H, W]``, ``texts``/``tags`` ``[B, L]``, ``roi_features [B, M, D]``
     float16, ``roi_geometry [B, M, 6]``, ``roi_mask [B, M]`` (True for a box), with ``B`` the per-rank batch
-    and ``M = max_boxes``, plus ``keys`` (list of sample keys), ``worker``, ``consumed``, ``batches`` and ``errors`` (cumulative per worker
-    and epoch).
+    and ``M = max_boxes``, ``tagset [B, K]`` int64 (:func:`tagset_ids` per sample, padded with -1), plus
+    ``keys`` (list of sample keys), ``worker``, ``consumed``, ``batches`` and ``errors`` (cumulative per
+    worker and epoch).
     """
 
     def __init__(self, cfg: DataConfig, *, transform, tokenizer, feature_dim: int, seed: int = 0,
@@ -271,8 +295,12 @@ class TrainData:
             roi[i, :n] = torch.from_numpy(np.asarray(item["roi"], dtype=np.float16))
             geometry[i, :n] = torch.from_numpy(np.asarray(item["geometry"], dtype=np.float32))
             mask[i, :n] = True
+        ids = [tagset_ids(item["tags"]) for item in items]
+        tagset = torch.full((size, max(map(len, ids), default=0)), -1, dtype=torch.int64)
+        for i, row in enumerate(ids):
+            tagset[i, : len(row)] = torch.tensor(row, dtype=torch.int64)
         return {"images": torch.stack([item["image"] for item in items]),
                 "texts": self.tokenizer([item["caption"] for item in items]),
                 "tags": self.tokenizer([item["tags"] for item in items]),
-                "roi_features": roi, "roi_geometry": geometry, "roi_mask": mask,
+                "roi_features": roi, "roi_geometry": geometry, "roi_mask": mask, "tagset": tagset,
                 "keys": [item["key"] for item in items]}
