@@ -1,4 +1,4 @@
-"""The study script's bookkeeping: per-seed aggregation and the soft-target entropy read from metrics files."""
+"""The study script's bookkeeping: paired differences against the matched control, subsets, monitors."""
 
 import importlib.util
 import json
@@ -17,30 +17,55 @@ def study():
     return module
 
 
-def _result(shape, colour_shape, i2t, t2i):
-    return {"shapes-shape": {"top1": shape}, "shapes-colour_shape": {"top1": colour_shape},
-            "shapes-retrieval": {"image_to_text_R@1": i2t, "text_to_image_R@1": t2i}}
+def _result(study, value):
+    """Every metric of the study at ``value`` (a fraction)."""
+    out = {}
+    for task, key in study.METRICS.values():
+        out.setdefault(task, {})[key] = value
+    return out
 
 
-def test_summarise_gives_percent_mean_std_and_every_seed(study):
-    results = {"clip@seed0": _result(0.20, 0.10, 0.30, 0.05), "clip@seed1": _result(0.30, 0.20, 0.10, 0.15)}
-    row = study.summarise(results, ["clip"], [0, 1])["clip"]
-    assert row["zero-shot shape top-1"]["mean"] == pytest.approx(25.0)
-    assert row["zero-shot shape top-1"]["std"] == pytest.approx(7.0711, abs=1e-4)  # sample std of 20, 30
-    assert row["image->text R@1"]["per_seed"] == pytest.approx([30.0, 10.0])
-    assert row["text->image R@1"]["n"] == 2
-    assert "| clip | 25.0 ± 7.1 |" in study.markdown("t", {"clip": row}, "note")
+def test_paired_differences_per_seed_against_the_matched_control(study):
+    results = {("control", 0.4, 0): _result(study, 0.20), ("control", 0.4, 1): _result(study, 0.30),
+               ("softclip", 0.4, 0): _result(study, 0.25), ("softclip", 0.4, 1): _result(study, 0.31),
+               ("softclip", 0.4, 2): _result(study, 0.90),  # no control on seed 2: not paired
+               ("oracle_control", 0.4, 0): _result(study, 0.10), ("oracle", 0.4, 0): _result(study, 0.40)}
+    absolute, paired = study.tables(results, 0.4, ["control", "softclip", "oracle_control", "oracle"], [0, 1, 2])
+    metric = next(iter(study.METRICS))
+    assert absolute["softclip"][metric]["per_seed"] == pytest.approx([25.0, 31.0, 90.0])
+    assert paired["softclip"][metric]["per_seed"] == pytest.approx([5.0, 1.0])
+    assert paired["softclip"][metric]["mean"] == pytest.approx(3.0)
+    assert paired["softclip"][metric]["std"] == pytest.approx(2.8284, abs=1e-4)  # sample std of 5, 1
+    assert paired["oracle"]["baseline"] == "oracle_control"
+    assert paired["oracle"][metric]["per_seed"] == pytest.approx([30.0])
+    assert "control" not in paired  # the baseline itself
+    assert paired["oracle_control"][metric]["per_seed"] == pytest.approx([-10.0])  # annotation vs detector ROIs
+    table = study.markdown_table("t", {"softclip": paired["softclip"]}, paired=True)
+    assert "| softclip | control | +3.0 ± 2.8 (+5.0, +1.0) |" in table
 
 
-def test_target_entropy_reads_steps_1_10_and_last(study, tmp_path):
-    dirs = {}
-    for seed, last in [(0, 1.6), (1, 1.8)]:
-        run = tmp_path / f"run{seed}"
-        run.mkdir()
-        rows = [{"step": 1, "entropy_target": 1.0}, {"step": 10, "entropy_target": 1.8},
-                {"step": 20, "entropy_target": 1.7, "loss": 2.0}, {"step": 23, "entropy_target": last}]
-        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        dirs[f"softclip@seed{seed}"] = run
-    table = study.target_entropy(dirs, ["softclip"], [0, 1])
-    assert table["softclip"] == pytest.approx({"step1": 1.0, "step10": 1.8, "last": 1.7})
-    assert "| softclip @ noise 0.4 | 1.000 | 1.800 | 1.700 |" in study.entropy_markdown({"noise 0.4": table})
+def test_subsets_add_each_methods_baseline(study):
+    args = study.parse_args(["--methods", "oracle,softclip", "--seeds", "0,2", "--noise", "0.4",
+                             "--ablations", "aggregator=mean"])
+    runs = {(name, noise, seed) for name, _, _, noise, seed in study.planned_runs(args)}
+    expected = {(m, 0.4, s) for m in ("oracle", "oracle_control", "softclip", "control", "softclip aggregator=mean")
+                for s in (0, 2)}
+    assert runs == expected
+    with pytest.raises(SystemExit):
+        study.parse_args(["--methods", "clipp"])
+
+
+def test_final_monitors_keep_the_last_logged_value(study, tmp_path):
+    rows = [{"step": 10, "loss": 3.0, "entropy_target": 1.0, "lr": 0.1},
+            {"step": 20, "loss": 2.5, "lift": 1.8}, {"step": 23, "epoch": 1}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert study.final_monitors(tmp_path) == {"loss": 2.5, "entropy_target": 1.0, "lift": 1.8}
+
+
+def test_annotation_methods_use_the_annotations_workflow(study):
+    args = study.parse_args(["--noise", "0.4", "--seeds", "0"])
+    oracle = study.run_workflow("oracle", "annotations", ["seed=0"], 0.4, 0, args)
+    control = study.run_workflow("control", "detector", ["seed=0"], 0.4, 0, args)
+    assert oracle.detector.annotations and not control.detector.annotations
+    assert oracle.dataset == control.dataset  # one shared world
+    assert oracle.dataset.shapes.caption_noise == 0.4 and oracle.dataset.shapes.num_retrieval == 2000
