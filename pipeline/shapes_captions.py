@@ -36,7 +36,9 @@ __all__ = [
     "hallucinated_caption",
     "partial_caption",
     "relation",
+    "sharing_matrix",
     "swap_colour",
+    "target_lift",
 ]
 
 SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross", "ring", "hexagon")
@@ -249,3 +251,25 @@ def consistent_images(contents: Sequence[CaptionContent], images: Sequence[Seque
             memo[content] = np.flatnonzero(_fitting_images(table, content)).tolist()
         out.append(memo[content])
     return out
+
+
+def sharing_matrix(images: Sequence[Sequence[ShapesObject]]) -> np.ndarray:
+    """``bool [N, N]``: whether images ``i`` and ``j`` truly share an object (the same colour and shape)."""
+    kinds = [{(o.colour, o.shape) for o in objs} for objs in images]
+    return np.array([[bool(a & b) for b in kinds] for a in kinds], dtype=bool).reshape(len(kinds), len(kinds))
+
+
+def target_lift(negative_targets: np.ndarray, shared: np.ndarray) -> float:
+    """How much of the negatives-only target mass falls on pairs that truly share an object, over its base
+    rate: ``lift = mean_i sum_{j != i} ~Y_ij [shared_ij] / (sum_{i != j} [shared_ij] / (N (N - 1)))``.
+
+    ``negative_targets`` ``[N, N]``: rows are distributions over the *other* samples (the positive removed and
+    renormalised, ``~Y``; the diagonal is ignored). 1.0 = uninformative (uniform mass), higher = the targets
+    point at the truly related images; NaN when no pair shares an object."""
+    probs, shared = np.asarray(negative_targets, dtype=np.float64), np.asarray(shared, dtype=bool)
+    n = probs.shape[0]
+    off = shared & ~np.eye(n, dtype=bool)
+    base = off.sum() / (n * (n - 1)) if n > 1 else 0.0
+    if base == 0:
+        return float("nan")
+    return float((probs * off).sum(axis=1).mean() / base)

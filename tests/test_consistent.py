@@ -145,3 +145,24 @@ def _obj(record):
 
     return ShapesObject(shape=record["shape"], colour=record["colour"], size=record["size"],
                         box=tuple(record["box"]))
+
+
+def test_target_lift_is_one_for_uniform_targets_and_grows_with_informed_mass():
+    from softclip.pipeline.shapes_captions import ShapesObject, sharing_matrix, target_lift
+
+    def obj(shape, colour):
+        return ShapesObject(shape=shape, colour=colour, size="small", box=(0.0, 0.0, 10.0, 10.0))
+
+    images = [[obj("star", "red")], [obj("star", "red"), obj("ring", "blue")], [obj("ring", "blue")],
+              [obj("star", "blue")]]
+    shared = sharing_matrix(images)
+    assert shared.tolist() == [[True, True, False, False], [True, True, True, False],
+                               [False, True, True, False], [False, False, False, True]]
+    uniform = (1 - np.eye(4)) / 3
+    assert target_lift(uniform, shared) == pytest.approx(1.0)
+    informed = np.where(shared & ~np.eye(4, dtype=bool), 1.0, 0.0)
+    informed[3] = uniform[3]  # nothing shares with image 3: its mass stays uniform
+    informed /= informed.sum(axis=1, keepdims=True)
+    # base rate 4 / 12; mass on shared pairs: 1, 1, 1, 0 -> mean 0.75 -> lift 2.25
+    assert target_lift(informed, shared) == pytest.approx(0.75 / (4 / 12))
+    assert np.isnan(target_lift(uniform, np.eye(4, dtype=bool)))
