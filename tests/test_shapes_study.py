@@ -4,6 +4,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,3 +70,16 @@ def test_annotation_methods_use_the_annotations_workflow(study):
     assert oracle.detector.annotations and not control.detector.annotations
     assert oracle.dataset == control.dataset  # one shared world
     assert oracle.dataset.shapes.caption_noise == 0.4 and oracle.dataset.shapes.num_retrieval == 2000
+
+
+def test_tagset_lift_of_ground_truth_tags_is_informative(study, tmp_path):
+    from softclip.workflows.cache import ArtifactCache
+
+    args = study.parse_args(["--noise", "0.4", "--num-train", "96", "--num-eval", "4"])
+    config = study.run_workflow("calibration", "annotations", [], 0.4, 0, args)
+    cache = ArtifactCache(tmp_path / "cache")
+    sharp = study.tagset_lift(config, cache, 0.05, batches=4)
+    flat = study.tagset_lift(config, cache, 50.0, batches=4)
+    assert 0 < sharp["H(~Y)"] < flat["H(~Y)"] <= np.log(63) + 1e-9
+    assert sharp["lift"] > 3.0  # ground-truth tags point at the images that share an object
+    assert flat["lift"] == pytest.approx(1.0, abs=0.05)  # a flat target is uninformative
