@@ -51,16 +51,17 @@ METHODS = {  # name -> (features, training overrides); features: "detector" or "
     "clip": ("detector", [*CLIP, "loss.roi_weight=0"]),
     "control": ("detector", [*CLIP, *ROI]),
     "softclip": ("detector", []),
-    "label_smoothing": ("detector", ["loss.target_source=label_smoothing"]),
-    "oracle": ("annotations", ["loss.target_source=tagset", *ROI]),
+    "label_smoothing": ("detector", ["loss.image_target=uniform", "loss.text_target=uniform"]),
+    "oracle": ("annotations", ["loss.image_target=tagset", "loss.text_target=tagset", *ROI]),
     "oracle_control": ("annotations", [*CLIP, *ROI]),
 }
 BASELINE = {"oracle": "oracle_control"}  # every other method is paired with "control"
 ABLATIONS = {  # SoftCLIP with one switch changed
     **{f"aggregator={a}": ["model.aggregator=" + a] for a in ("mhsa", "pool", "mean", "max", "min")},
-    **{f"target={t}": ["loss.target_source=" + t] for t in ("roi", "tag", "tagset", "raw", "roi_tag")},
+    **{f"image_target={t}": ["loss.image_target=" + t] for t in ("roi", "roi_mean", "tagset")},
+    **{f"text_target={t}": ["loss.text_target=" + t] for t in ("tagset", "text", "ema_text")},
     "detach=off": ["loss.detach_targets=false"],
-    **{f"tau_s={t}": [f"loss.tau_s={t}"] for t in ("0.05", "0.2")},
+    **{f"tau_s={t}": [f"loss.tau_image={t}", f"loss.tau_text={t}"] for t in ("0.05", "0.2")},
 }
 TAGSET_TAUS = (0.05, 0.1, 0.2, 0.5)  # the calibration grid of the parameter-free tag-set target
 METRICS = {  # column -> (task, key); the first two decide the study's goal
