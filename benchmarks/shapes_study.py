@@ -247,7 +247,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def planned_runs(args) -> list[tuple[str, str, list[str], float, int]]:
     """``(name, features, overrides, noise, seed)`` of every run asked for; a method's baseline is added."""
     methods = list(dict.fromkeys(m for name in args.methods for m in (BASELINE.get(name, "control"), name)))
-    runs = [(m, *METHODS[m], noise, seed) for noise in args.noise for m in methods for seed in args.seeds]
+    # seed by seed, so that an interrupted study already holds complete pairs
+    runs = [(m, *METHODS[m], noise, seed) for noise in args.noise for seed in args.seeds for m in methods]
     if args.ablations:
         runs += [(f"softclip {a}", "detector", ABLATIONS[a], args.ablation_noise, seed)
                  for a in args.ablations for seed in args.seeds]
