@@ -58,8 +58,10 @@ METHODS = {  # name -> (features, training overrides); features: "detector" or "
 BASELINE = {"oracle": "oracle_control"}  # every other method is paired with "control"
 ABLATIONS = {  # SoftCLIP with one switch changed
     **{f"aggregator={a}": ["model.aggregator=" + a] for a in ("mhsa", "pool", "mean", "max", "min")},
-    **{f"image_target={t}": ["loss.image_target=" + t] for t in ("roi", "roi_mean", "tagset")},
+    "image_target=roi_mean": ["loss.image_target=roi_mean", "loss.tau_image=0.01"],  # its calibrated tau
+    **{f"image_target={t}": ["loss.image_target=" + t] for t in ("roi", "tagset")},
     **{f"text_target={t}": ["loss.text_target=" + t] for t in ("tagset", "text", "ema_text")},
+    "target=student": ["loss.image_target=student", "loss.text_target=student"],  # own detached embeddings
     "detach=off": ["loss.detach_targets=false"],
     **{f"tau_s={t}": [f"loss.tau_image={t}", f"loss.tau_text={t}"] for t in ("0.05", "0.2")},
 }
@@ -149,7 +151,7 @@ def final_monitors(train_dir: Path) -> dict[str, float]:
     last: dict[str, float] = {}
     for row in map(json.loads, (train_dir / "metrics.jsonl").read_text().splitlines()):
         last |= {k: v for k, v in row.items() if isinstance(v, (int, float)) and
-                 k.startswith(("loss", "entropy", "H_", "cos_", "lift"))}
+                 k.startswith(("loss", "entropy", "neg_entropy", "cos_", "lift"))}
     return last
 
 

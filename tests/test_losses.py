@@ -13,10 +13,16 @@ import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
 from softclip.train.losses import (
+    VIEW_SOURCES,
     SoftCLIPLoss,
+    calibrate_tau,
+    contrastive_loss,
     disentangled_negatives,
     label_smoothing_targets,
+    mean_off_diagonal_cosine,
+    mean_roi_features,
     negative_loss,
+    negatives_entropy,
     self_similarity,
     soft_loss,
     softened_targets,
@@ -50,11 +56,11 @@ def _np_negatives(p):
 
 def test_clip_baseline_equals_open_clip_clip_loss():
     image, text, scale = _unit(8, 16, seed=1), _unit(8, 16, seed=2), torch.tensor(14.3)
-    ours = SoftCLIPLoss(lam=0.0, mu=0.0)(image, text, scale)
+    ours = SoftCLIPLoss(lam=0.0, mu=0.0, roi_weight=0.0)(image, text, scale)
     reference = ClipLoss()(image, text, scale)
     torch.testing.assert_close(ours["loss"], reference)
-    assert float(ours["loss_soft"]) == 0.0 and float(ours["loss_neg"]) == 0.0
-    assert float(ours["entropy_target"]) == 0.0
+    assert float(ours["loss_soft"]) == 0.0 and float(ours["loss_neg"]) == 0.0 and float(ours["loss_roi"]) == 0.0
+    assert not any(k.startswith(("neg_entropy", "cos_")) for k in ours)
 
 
 def test_symmetric_kl_by_hand():
@@ -75,14 +81,17 @@ def test_softened_targets_by_hand():
 
 
 def test_soft_and_negative_terms_match_independent_numpy():
-    n, beta, tau_s, scale = 5, 0.3, 0.07, 10.0
+    n, beta, tau_image, tau_text, scale = 5, 0.3, 0.07, 0.2, 10.0
     v, t, r, g = (_unit(n, 8, seed=s) for s in (3, 4, 5, 6))
-    out = SoftCLIPLoss(beta=beta, tau_s=tau_s, lam=1.0, mu=0.5)(v, t, torch.tensor(scale), r, g)
+    out = SoftCLIPLoss(beta=beta, tau_image=tau_image, tau_text=tau_text, lam=1.0, mu=0.5, image_target="roi",
+                       text_target="text", roi_weight=0.6)(v, t, torch.tensor(scale), {"roi": r, "text": g})
     vn, tn, rn, gn = (x.double().numpy() for x in (v, t, r, g))
     p_i2t = np.exp(_np_log_softmax(scale * vn @ tn.T))
     p_t2i = np.exp(_np_log_softmax(scale * tn @ vn.T))
-    y_i2t = (1 - beta) * np.eye(n) + beta * np.exp(_np_log_softmax(rn @ rn.T / tau_s))
-    y_t2i = (1 - beta) * np.eye(n) + beta * np.exp(_np_log_softmax(gn @ gn.T / tau_s))
+    y_i2t = (1 - beta) * np.eye(n) + beta * np.exp(_np_log_softmax(rn @ rn.T / tau_image))
+    y_t2i = (1 - beta) * np.eye(n) + beta * np.exp(_np_log_softmax(gn @ gn.T / tau_text))
+    roi = -(np.mean(np.log(np.diag(np.exp(_np_log_softmax(scale * rn @ tn.T)))))
+            + np.mean(np.log(np.diag(np.exp(_np_log_softmax(scale * tn @ rn.T)))))) / 2
     nce = -(np.mean(np.log(np.diag(p_i2t))) + np.mean(np.log(np.diag(p_t2i)))) / 2
     soft = (_np_skl(y_i2t, p_i2t) + _np_skl(y_t2i, p_t2i)) / 2
     neg = (_np_skl(_np_negatives(y_i2t), _np_negatives(p_i2t))
@@ -90,9 +99,16 @@ def test_soft_and_negative_terms_match_independent_numpy():
     assert float(out["loss_nce"]) == pytest.approx(nce, rel=1e-4)
     assert float(out["loss_soft"]) == pytest.approx(soft, rel=1e-4)
     assert float(out["loss_neg"]) == pytest.approx(neg, rel=1e-4)
-    assert float(out["loss"]) == pytest.approx(nce + soft + 0.5 * neg, rel=1e-4)
-    entropy = -np.mean(np.sum(y_i2t * np.log(y_i2t), 1)) / 2 - np.mean(np.sum(y_t2i * np.log(y_t2i), 1)) / 2
-    assert float(out["entropy_target"]) == pytest.approx(entropy, rel=1e-4)
+    assert float(out["loss_roi"]) == pytest.approx(roi, rel=1e-4)
+    assert float(out["loss"]) == pytest.approx(nce + 0.6 * roi + soft + 0.5 * neg, rel=1e-4)
+    for direction, y in (("i2t", y_i2t), ("t2i", y_t2i)):
+        negatives = _np_negatives(y)
+        entropy = -np.mean(np.sum(np.where(negatives > 0, negatives * np.log(np.where(negatives > 0, negatives, 1)),
+                                           0), 1))
+        assert float(out[f"neg_entropy_{direction}"]) == pytest.approx(entropy, rel=1e-4)
+    for name, x in (("cos_r", rn), ("cos_g", gn)):
+        gram = x @ x.T
+        assert float(out[name]) == pytest.approx((gram.sum() - np.trace(gram)) / (n * (n - 1)), rel=1e-4, abs=1e-6)
 
 
 def test_negative_term_ignores_the_positive_logit():
@@ -108,7 +124,8 @@ def test_negative_term_ignores_the_positive_logit():
 def test_gradients_reach_roi_and_tags_unless_detached(detach):
     v, t = _unit(6, 8, seed=1).requires_grad_(), _unit(6, 8, seed=2).requires_grad_()
     r, g = _unit(6, 8, seed=3).requires_grad_(), _unit(6, 8, seed=4).requires_grad_()
-    SoftCLIPLoss(detach_targets=detach)(v, t, torch.tensor(10.0), r, g)["loss"].backward()
+    loss = SoftCLIPLoss(image_target="roi", text_target="text", roi_weight=0.0, detach_targets=detach)
+    loss(v, t, torch.tensor(10.0), {"roi": r, "text": g})["loss"].backward()
     assert v.grad.abs().sum() > 0 and t.grad.abs().sum() > 0
     for x in (r, g):
         assert (x.grad is None) == detach
@@ -116,18 +133,69 @@ def test_gradients_reach_roi_and_tags_unless_detached(detach):
             assert x.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("source", ["roi", "tag", "label_smoothing", "raw"])
-def test_target_sources(source):
-    v, t, r, g = (_unit(5, 8, seed=s).requires_grad_() for s in (1, 2, 3, 4))
-    loss = SoftCLIPLoss(target_source=source)
-    out = loss(v, t, torch.tensor(10.0), r if loss.needs_roi else None, g if loss.needs_tags else None)
+def test_roi_infonce_trains_the_detached_teacher_and_only_it_reaches_r():
+    v, t, r = (_unit(6, 8, seed=s).requires_grad_() for s in (1, 2, 3))
+    out = SoftCLIPLoss(image_target="roi", text_target="none", roi_weight=0.7)(v, t, torch.tensor(10.0), {"roi": r})
+    roi_logits = 10.0 * r @ t.T
+    torch.testing.assert_close(out["loss_roi"], contrastive_loss(roi_logits, roi_logits.T))
+    torch.testing.assert_close(out["loss"], out["loss_nce"] + 0.7 * out["loss_roi"] + out["loss_soft"]
+                               + 0.5 * out["loss_neg"])
+    soft_grad = torch.autograd.grad(out["loss_soft"] + out["loss_neg"], r, retain_graph=True, allow_unused=True)[0]
+    assert soft_grad is None  # the soft terms see r only as a detached teacher
+    assert torch.autograd.grad(out["loss"], r)[0].abs().sum() > 0  # L_roi trains it
+
+
+SOURCES = ["roi", "roi_mean", "text", "ema_text", "tagset", "student", "uniform", "none"]
+
+
+@pytest.mark.parametrize("image_source", SOURCES)
+@pytest.mark.parametrize("text_source", ["tagset", "student", "none"])
+def test_target_sources(image_source, text_source):
+    if image_source == text_source == "none":
+        with pytest.raises(ValueError, match="none"):
+            SoftCLIPLoss(image_target="none", text_target="none")
+        return
+    v, t = _unit(5, 8, seed=1).requires_grad_(), _unit(5, 8, seed=2).requires_grad_()
+    loss = SoftCLIPLoss(image_target=image_source, text_target=text_source, roi_weight=0.0)
+    views = {name: _unit(5, 8, seed=3 + i) for i, name in enumerate(VIEW_SOURCES)}
+    assert loss.views == {image_source, text_source} & set(VIEW_SOURCES)
+    out = loss(v, t, torch.tensor(10.0), {k: views[k] for k in loss.views})
     assert torch.isfinite(out["loss"]) and float(out["loss_soft"].detach()) > 0
+    assert ("neg_entropy_i2t" in out) == (image_source != "none")
+    assert ("neg_entropy_t2i" in out) == (text_source != "none")
     out["loss"].backward()
-    if source == "label_smoothing":
-        y = label_smoothing_targets(5, 0.3).exp()
-        torch.testing.assert_close(y.sum(1), torch.ones(5))
-        assert float(y[0, 1]) == pytest.approx(0.3 / 4)
-    assert loss.needs_roi == (source == "roi") and loss.needs_tags == (source == "tag")
+    with pytest.raises(ValueError, match="view"):
+        SoftCLIPLoss(image_target="roi")(v, t, torch.tensor(10.0), {})
+
+
+def test_label_smoothing_is_the_uniform_source():
+    y = label_smoothing_targets(5, 0.3).exp()
+    torch.testing.assert_close(y.sum(1), torch.ones(5))
+    assert float(y[0, 1]) == pytest.approx(0.3 / 4)
+    out = SoftCLIPLoss(image_target="uniform", text_target="uniform", roi_weight=0.0)(
+        _unit(5, 8, seed=1), _unit(5, 8, seed=2), torch.tensor(10.0))
+    assert float(out["neg_entropy_i2t"]) == pytest.approx(math.log(4), abs=1e-5)  # uniform = ln(N - 1)
+
+
+def test_monitors_and_tau_calibration():
+    same = F.normalize(torch.ones(4, 3), dim=1)
+    assert float(mean_off_diagonal_cosine(same)) == pytest.approx(1.0)
+    assert float(mean_off_diagonal_cosine(torch.eye(4))) == pytest.approx(0.0)
+    x = _unit(64, 16, seed=5)
+    for target in (1.5, 3.0):
+        tau = calibrate_tau(x, target)
+        assert float(negatives_entropy(self_similarity(x, tau))) == pytest.approx(target, abs=1e-3)
+    assert calibrate_tau(x, 1.5) < calibrate_tau(x, 3.0)
+    features = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [9.0, 9.0]]])
+    torch.testing.assert_close(mean_roi_features(features, torch.tensor([[True, True, False]])),
+                               torch.tensor([[0.5**0.5, 0.5**0.5]]))
+
+
+def test_soft_scale_multiplies_only_the_soft_terms():
+    args = (_unit(6, 8, seed=1), _unit(6, 8, seed=2), torch.tensor(10.0), {"roi": _unit(6, 8, seed=3)})
+    loss = SoftCLIPLoss(image_target="roi", text_target="student")
+    full, half = loss(*args), loss(*args, soft_scale=0.5)
+    torch.testing.assert_close(full["loss"] - half["loss"], 0.5 * (full["loss_soft"] + 0.5 * full["loss_neg"]))
 
 
 def test_tagset_similarity_is_the_cosine_of_multi_hot_sets():
@@ -145,7 +213,8 @@ def test_tagset_similarity_is_the_cosine_of_multi_hot_sets():
 
 
 def test_single_pair_batch_is_finite():
-    out = SoftCLIPLoss()(_unit(1, 4), _unit(1, 4, seed=1), torch.tensor(10.0), _unit(1, 4), _unit(1, 4))
+    out = SoftCLIPLoss(image_target="roi", text_target="text")(_unit(1, 4), _unit(1, 4, seed=1), torch.tensor(10.0),
+                                                                {"roi": _unit(1, 4), "text": _unit(1, 4)})
     assert all(torch.isfinite(v) for v in out.values())
 
 
@@ -153,14 +222,14 @@ def test_beta_zero_is_refused_for_the_soft_terms():
     image, text, scale = _unit(4, 8, seed=1), _unit(4, 8, seed=2), torch.tensor(10.0)
     for lam, mu in ((1.0, 0.0), (0.0, 0.5)):
         with pytest.raises(ValueError, match="beta=0.0.*one-hot.*lam=mu=0 for CLIP"):
-            SoftCLIPLoss(beta=0.0, lam=lam, mu=mu, target_source="raw")
-    clip = SoftCLIPLoss(beta=0.0, lam=0.0, mu=0.0)(image, text, scale)
+            SoftCLIPLoss(beta=0.0, lam=lam, mu=mu, image_target="student")
+    clip = SoftCLIPLoss(beta=0.0, lam=0.0, mu=0.0, roi_weight=0.0)(image, text, scale)
     torch.testing.assert_close(clip["loss"], ClipLoss()(image, text, scale))
 
 
 def test_unknown_target_source_is_refused():
-    with pytest.raises(ValueError, match="target_source"):
-        SoftCLIPLoss(target_source="nope")
+    with pytest.raises(ValueError, match="image_target 'nope'"):
+        SoftCLIPLoss(image_target="nope")
 
 
 # --- DDP: two gloo processes on CPU give the single-process loss and gradients -------------------------
@@ -184,7 +253,8 @@ def _inputs(n=8):
 
 def _loss_and_grads(model, module, inputs, world_size):
     out = model(inputs)
-    loss = SoftCLIPLoss(world_size=world_size)(out["image"], out["text"], torch.tensor(10.0), out["roi"], out["tag"])
+    loss = SoftCLIPLoss(image_target="roi", text_target="text", detach_targets=False, world_size=world_size)(
+        out["image"], out["text"], torch.tensor(10.0), {"roi": out["roi"], "text": out["tag"]})
     loss["loss"].backward()
     return {"loss": loss["loss"].detach(), "grads": {n: p.grad.clone() for n, p in module.named_parameters()}}
 

@@ -10,6 +10,7 @@ from softclip.eval.checkpoint import load_open_clip_checkpoint
 from softclip.train.config import ModelConfig
 from softclip.train.model import (
     ROIEncoder,
+    TextEMA,
     build_model,
     encode_text_trimmed,
     register_model_configs,
@@ -24,7 +25,7 @@ def tiny():
     return build_model(TINY)
 
 
-@pytest.mark.parametrize("aggregator", ["mhsa", "mean", "max", "min"])
+@pytest.mark.parametrize("aggregator", ["pool", "mhsa", "mean", "max", "min"])
 def test_roi_encoder_masks_padding_and_handles_zero_boxes(aggregator):
     torch.manual_seed(0)
     encoder = ROIEncoder(10, 16, 8, heads=4, aggregator=aggregator).eval()
@@ -39,6 +40,37 @@ def test_roi_encoder_masks_padding_and_handles_zero_boxes(aggregator):
     torch.testing.assert_close(out[2], encoder(noisy[2:], geometry[2:] * 0, mask[2:])[0])
     out.sum().backward()
     assert encoder.no_box.grad is not None and encoder.no_box.grad.abs().sum() > 0
+
+
+def test_mhsa_attends_among_the_boxes_and_pool_does_not():
+    torch.manual_seed(0)
+    features, geometry = torch.randn(1, 2, 10), torch.rand(1, 2, 6)
+    first = torch.tensor([[True, False]])
+    mhsa = ROIEncoder(10, 16, 8, heads=4, aggregator="mhsa").eval()
+    tokens = mhsa.input_norm(mhsa.input_proj(torch.cat([features, geometry], -1)))
+    with_other = mhsa.encoder(tokens)[0, 0]
+    alone = mhsa.encoder(tokens[:, :1])[0, 0]
+    assert not torch.allclose(with_other, alone, atol=1e-4)  # box 0's token depends on box 1: self-attention
+    assert not hasattr(mhsa, "query") and hasattr(ROIEncoder(10, 16, 8, heads=4, aggregator="pool"), "query")
+    assert torch.isfinite(mhsa(features, geometry, first)).all()
+
+
+def test_text_ema_follows_the_text_tower_only(tiny):
+    model, _, _, tokenizer = tiny
+    ema = TextEMA(model.clip)
+    assert not any(name.startswith("visual.") and p.numel() for name, p in ema.clip.named_parameters())
+    assert not any(p.requires_grad for p in ema.parameters()) and model.clip.visual is not None
+    tags = tokenizer(["red circle, blue star", "green square"])
+    torch.testing.assert_close(ema(tags), encode_text_trimmed(model.clip, tags))
+    online = dict(model.clip.named_parameters())
+    before = {n: p.clone() for n, p in ema.clip.named_parameters()}
+    with torch.no_grad():
+        online["token_embedding.weight"].add_(1.0)
+    ema.update(model.clip, 0.9)
+    moved = dict(ema.clip.named_parameters())["token_embedding.weight"]
+    torch.testing.assert_close(moved, before["token_embedding.weight"] + 0.1)
+    with torch.no_grad():
+        online["token_embedding.weight"].sub_(1.0)
 
 
 def test_unknown_aggregator_and_model_name():

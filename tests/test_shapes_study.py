@@ -57,10 +57,10 @@ def test_subsets_add_each_methods_baseline(study):
 
 
 def test_final_monitors_keep_the_last_logged_value(study, tmp_path):
-    rows = [{"step": 10, "loss": 3.0, "entropy_target": 1.0, "lr": 0.1},
+    rows = [{"step": 10, "loss": 3.0, "neg_entropy_i2t": 1.0, "lr": 0.1},
             {"step": 20, "loss": 2.5, "lift": 1.8}, {"step": 23, "epoch": 1}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert study.final_monitors(tmp_path) == {"loss": 2.5, "entropy_target": 1.0, "lift": 1.8}
+    assert study.final_monitors(tmp_path) == {"loss": 2.5, "neg_entropy_i2t": 1.0, "lift": 1.8}
 
 
 def test_annotation_methods_use_the_annotations_workflow(study):
@@ -83,3 +83,16 @@ def test_tagset_lift_of_ground_truth_tags_is_informative(study, tmp_path):
     assert 0 < sharp["H(~Y)"] < flat["H(~Y)"] <= np.log(63) + 1e-9
     assert sharp["lift"] > 3.0  # ground-truth tags point at the images that share an object
     assert flat["lift"] == pytest.approx(1.0, abs=0.05)  # a flat target is uninformative
+
+
+def test_every_method_and_ablation_is_a_valid_training_config(study):
+    from softclip.pipeline.config import apply_overrides, load_config
+    from softclip.train.config import TrainConfig
+
+    base = load_config(TrainConfig, ROOT / study.TRAIN_CONFIG)
+    configs = {name: apply_overrides(base, overrides) for name, (_, overrides) in study.METHODS.items()}
+    configs |= {name: apply_overrides(base, overrides) for name, overrides in study.ABLATIONS.items()}
+    assert configs["clip"].loss.lam == configs["clip"].loss.roi_weight == 0
+    assert configs["control"].loss.lam == configs["control"].loss.mu == 0 < configs["control"].loss.roi_weight
+    assert configs["oracle"].loss.image_target == configs["oracle"].loss.text_target == "tagset"
+    assert configs["softclip"] == base

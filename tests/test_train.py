@@ -52,6 +52,17 @@ def test_cosine_schedule_and_param_groups():
     assert [p.shape for p in decay["params"]] == [(3, 3)] and len(no_decay["params"]) == 3
 
 
+def test_roi_tokens_get_no_weight_decay():
+    from softclip.train.config import ModelConfig
+    from softclip.train.model import build_model
+
+    model = build_model(ModelConfig(name="shapes-tiny", roi_feature_dim=72, roi_width=32, roi_heads=4))[0]
+    no_decay, decay = param_groups(model, 0.1)
+    tokens = {id(model.roi.query), id(model.roi.no_box)}
+    assert tokens <= {id(p) for p in no_decay["params"]} and not tokens & {id(p) for p in decay["params"]}
+    assert id(model.roi.input_proj.weight) in {id(p) for p in decay["params"]}
+
+
 def test_resume_continues_exactly(data_root, tmp_path):
     straight = train(_cfg(data_root, tmp_path / "a", "shapes-softclip", "optim.max_steps=4"))
     first = train(_cfg(data_root, tmp_path / "b", "shapes-softclip", "optim.max_steps=4",
@@ -143,10 +154,13 @@ def test_two_process_gloo_training_writes_one_checkpoint(data_root, tmp_path, na
 def test_a_non_finite_loss_stops_training_with_advice():
     from softclip.train.loop import _log_metrics
 
-    timing = {"elapsed": 1.0, "steps": 1, "data_wait": 0.0}
+    timing = {"elapsed": 1.0, "steps": 1, "data_wait": 0.0, "nonfinite": torch.tensor(1.0)}
     with pytest.raises(FloatingPointError, match="diverged; lower optim.lr"):
-        _log_metrics({"loss": torch.tensor(float("nan"))}, 1e-3, timing, {}, 16)
-    assert _log_metrics({"loss": torch.tensor(2.0)}, 1e-3, timing, {}, 16)["samples_per_s"] == 16.0
+        _log_metrics({"loss": torch.tensor(float("nan"))}, 1e-3, timing, {}, 16, False)
+    skipped = _log_metrics({"loss": torch.tensor(float("nan"))}, 1e-3, timing, {}, 16, True)
+    assert skipped["nonfinite_steps"] == 1.0
+    timing["nonfinite"] = torch.tensor(0.0)
+    assert _log_metrics({"loss": torch.tensor(2.0)}, 1e-3, timing, {}, 16, False)["samples_per_s"] == 16.0
 
 
 def test_beta_zero_is_refused_unless_clip():
@@ -192,3 +206,62 @@ def test_run_dir_guards_and_bad_resume_files(data_root, tmp_path):
     groups = torch.load(latest, weights_only=True)["optimizer"]["param_groups"]
     assert [g["weight_decay"] for g in groups] == [0.0, 0.05]  # the run's overrides, not the saved values
     assert all(g["eps"] == 1e-8 and tuple(g["betas"]) == (0.8, 0.9) for g in groups)
+
+
+def _tiny_step_setup(**loss):
+    from softclip.train.config import ModelConfig
+    from softclip.train.data import tagset_ids
+    from softclip.train.losses import SoftCLIPLoss
+    from softclip.train.model import build_model
+
+    torch.manual_seed(0)
+    model, _, _, tokenizer = build_model(ModelConfig(name="shapes-tiny", roi_feature_dim=8, roi_width=16,
+                                                     roi_heads=4), ema_text=loss.get("text_target") == "ema_text")
+    loss_fn = SoftCLIPLoss(**loss)
+    optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-2, fused=True)
+    tags = ["red circle, blue star", "green square", "red star", "blue circle"]
+    ids = [tagset_ids(t) for t in tags]
+    batch = {"images": torch.randn(4, 3, 64, 64), "texts": tokenizer(["a red circle"] * 2 + ["a star"] * 2),
+             "tags": tokenizer(tags), "roi_features": torch.randn(4, 3, 8).half(), "roi_geometry": torch.rand(4, 3, 6),
+             "roi_mask": torch.ones(4, 3, dtype=torch.bool),
+             "tagset": torch.tensor([row + [-1] * (6 - len(row)) for row in ids])}
+    return model, loss_fn, optimizer, batch
+
+
+def test_a_non_finite_batch_never_reaches_the_weights():
+    from softclip.train.loop import train_step
+
+    model, loss_fn, optimizer, batch = _tiny_step_setup()
+    from softclip.train.config import DataConfig, ModelConfig
+
+    config = TrainConfig(run_dir=Path("unused"), model=ModelConfig(name="shapes-tiny"),
+                         data=DataConfig(train_shards="unused"))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    bad = batch | {"images": torch.full_like(batch["images"], float("nan"))}
+    out = train_step(model, loss_fn, optimizer, bad, config, torch.device("cpu"))
+    assert float(out["nonfinite"]) == 1.0 and not torch.isfinite(out["loss"])
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), name  # the update was skipped on the device
+    out = train_step(model, loss_fn, optimizer, batch, config, torch.device("cpu"))
+    assert float(out["nonfinite"]) == 0.0 and torch.isfinite(out["loss"])
+    assert not torch.equal(model.roi.query, before["roi.query"])  # training goes on from the same weights
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("text_target", ["text", "ema_text", "tagset"])
+def test_detached_teacher_gets_no_gradient_from_the_soft_terms(text_target):
+    """Through the tag pass and into the ROI branch, the soft terms' gradient is exactly zero."""
+    from softclip.train.loop import _teacher_views
+
+    model, loss_fn, _, batch = _tiny_step_setup(image_target="roi", text_target=text_target)
+    out = model(batch["images"], batch["texts"], tags=batch["tags"] if text_target == "text" else None,
+                ema_tags=batch["tags"] if text_target == "ema_text" else None, roi_features=batch["roi_features"],
+                roi_geometry=batch["roi_geometry"], roi_mask=batch["roi_mask"])
+    views = _teacher_views(out, batch, loss_fn.views, torch.device("cpu"))
+    losses = loss_fn(out["image"], out["text"], out["logit_scale"], views)
+    teacher = [out["roi"]] + ([out["tag"]] if text_target == "text" else [])
+    grads = torch.autograd.grad(losses["loss_soft"] + losses["loss_neg"], teacher, allow_unused=True,
+                                retain_graph=True)
+    assert all(g is None or not g.any() for g in grads)
+    roi_grads = torch.autograd.grad(losses["loss"], list(model.roi.parameters()), allow_unused=True)
+    assert any(g is not None and g.any() for g in roi_grads)  # L_roi still trains the ROI branch

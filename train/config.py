@@ -25,8 +25,9 @@ __all__ = [
     "resolve_data_path",
 ]
 
-Aggregator = Literal["mhsa", "mean", "max", "min"]
-TargetSource = Literal["roi_tag", "roi", "tag", "label_smoothing", "raw"]
+Aggregator = Literal["pool", "mhsa", "mean", "max", "min"]
+# See train.losses.SoftCLIPLoss: teacher views, the model's own embeddings, label smoothing, or no target.
+TargetSource = Literal["roi", "roi_mean", "text", "ema_text", "tagset", "student", "uniform", "none"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -36,8 +37,8 @@ class ModelConfig:
     name: str  # open_clip model config, e.g. "RN50", "ViT-B-16", or "shapes-tiny" from train/model_configs
     roi_feature_dim: int = 2048  # channels of a detector ROI feature (VinVL: 2048)
     roi_width: int = 512  # width of the projected box tokens
-    roi_heads: int = 8  # attention heads of the `mhsa` aggregator
-    aggregator: Aggregator = "mhsa"
+    roi_heads: int = 8  # attention heads of the `pool` and `mhsa` aggregators
+    aggregator: Aggregator = "pool"  # see train.model.ROIEncoder
     grad_checkpointing: bool = False
     compile: bool = False  # torch.compile the model's forward
 
@@ -68,36 +69,57 @@ class DataConfig:
     max_boxes: int = 50  # boxes kept per image (highest scores first); the rest is padding
     shuffle_buffer: int = 1000  # samples per worker shuffle buffer
     num_samples: int = 0  # samples per epoch; 0 counts them from the shards
+    # torch threads of the main process; 0: the cores left after one per loader worker (each worker runs
+    # with 1 thread), at least 1, so that workers and the main process never oversubscribe the cores
+    threads: int = 0
 
     def __post_init__(self):
         if self.batch_size < 1 or self.max_boxes < 1 or self.num_workers < 0 or self.shuffle_buffer < 1:
             raise ValueError("data.batch_size, data.max_boxes and data.shuffle_buffer must be positive and "
                              "data.num_workers non-negative")
+        if self.threads < 0:
+            raise ValueError(f"data.threads must be non-negative (0: derived from the cores), got {self.threads}")
         if self.format == "parquet" and not self.source_shards:
             raise ValueError("data.format=parquet needs data.source_shards (the image tars to join by key)")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class LossConfig:
-    """SoftCLIP loss switches (see docs of :class:`train.losses.SoftCLIPLoss`); lam = mu = 0 is CLIP (the only
-    case where beta = 0 is allowed)."""
+    """SoftCLIP loss switches (see :class:`train.losses.SoftCLIPLoss`). CLIP is ``lam = mu = roi_weight = 0``
+    (the only case where beta = 0 is allowed); the matched control is ``lam = mu = 0`` with ``roi_weight``.
+    Label smoothing is ``image_target = text_target = uniform``; the oracle (targets from ground-truth
+    objects) is ``tagset`` on both sides when the tags are the ground truth (the shapes annotation features).
+    Calibrate ``tau_image`` / ``tau_text`` per source with :func:`train.losses.calibrate_tau` so that
+    ``H(~Y)`` is 1.5 to 3 nats at batch 64 (the logged ``neg_entropy_*``)."""
 
     beta: float = 0.3
-    tau_s: float = 0.07
     lam: float = 1.0
     mu: float = 0.5
-    target_source: TargetSource = "roi_tag"
-    detach_targets: bool = False
+    image_target: TargetSource = "roi"  # S_img, the target of image->text
+    text_target: TargetSource = "tagset"  # S_txt, the target of text->image
+    tau_image: float = 0.1
+    tau_text: float = 0.1
+    roi_weight: float = 1.0  # ROI-to-caption InfoNCE: trains the ROI aggregator
+    detach_targets: bool = True  # targets are a teacher: no gradient into the ROI branch or the tag pass
+    ema_decay: float = 0.999  # of the EMA text tower (text source ema_text)
+    ramp: bool = True  # lam and mu grow linearly from 0 over optim.warmup_steps
 
     def __post_init__(self):
         if not 0.0 <= self.beta <= 1.0:
             raise ValueError(f"loss.beta must be in [0, 1], got {self.beta}")
-        if self.tau_s <= 0 or self.lam < 0 or self.mu < 0:
-            raise ValueError("loss.tau_s must be positive and loss.lam, loss.mu non-negative")
-        if self.beta == 0 and (self.lam > 0 or self.mu > 0):
+        if self.tau_image <= 0 or self.tau_text <= 0 or self.lam < 0 or self.mu < 0 or self.roi_weight < 0:
+            raise ValueError("loss.tau_image and loss.tau_text must be positive and loss.lam, loss.mu, "
+                             "loss.roi_weight non-negative")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"loss.ema_decay must be in [0, 1), got {self.ema_decay}")
+        soft = self.lam > 0 or self.mu > 0
+        if soft and self.beta == 0:
             raise ValueError("loss.beta=0 makes the soft targets one-hot, so L_soft and L_neg compare with a "
                              "distribution that has zeros and are not defined; use beta > 0, or "
                              "loss.lam=0 loss.mu=0 for CLIP")
+        if soft and self.image_target == self.text_target == "none":
+            raise ValueError("loss.image_target=none and loss.text_target=none leave the soft terms without a "
+                             "target: choose a source, or loss.lam=0 loss.mu=0")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -113,6 +135,9 @@ class OptimConfig:
     max_steps: int = 0  # stop after this many steps (0: run all epochs)
     grad_clip_norm: float = 1.0  # 0 disables clipping
     precision: Literal["fp32", "bf16"] = "bf16"  # bf16 autocast on CUDA; CPU always runs fp32
+    # A step with a non-finite loss or gradient never updates the weights (skipped on the device); at the
+    # next log step training stops with advice, or with skip_nonfinite goes on and logs the count.
+    skip_nonfinite: bool = False
 
     def __post_init__(self):
         if self.lr <= 0 or self.weight_decay < 0 or self.warmup_steps < 0 or self.epochs < 1:

@@ -110,6 +110,11 @@ def count_samples(paths: list[Path]) -> int:
     return total
 
 
+def _one_thread(worker_id: int) -> None:
+    """Loader workers decode with one torch thread, so workers and the main process share the cores."""
+    torch.set_num_threads(1)
+
+
 class _Stream(IterableDataset):
     """Batches of one epoch for one rank; the DataLoader runs one copy per worker."""
 
@@ -172,6 +177,7 @@ class TrainData:
                              "(and the same number of ranks)")
         loader = DataLoader(_Stream(self, epoch, positions), batch_size=None, num_workers=self.cfg.num_workers,
                             generator=torch.Generator().manual_seed(self.seed + epoch),
+                            worker_init_fn=_one_thread,
                             pin_memory=torch.cuda.is_available(),
                             prefetch_factor=4 if self.cfg.num_workers else None)
         return iter(loader)

@@ -26,13 +26,15 @@ from softclip.pipeline.config import from_dict, save_config, to_dict
 from softclip.train.checkpoint import capture_rng, resolve_resume, restore_rng, save_checkpoint
 from softclip.train.config import TrainConfig
 from softclip.train.data import ERROR_KINDS, TrainData
-from softclip.train.losses import SoftCLIPLoss
+from softclip.train.losses import SoftCLIPLoss, mean_roi_features, tagset_vectors
 from softclip.train.metrics import MetricLogger
 from softclip.train.model import SoftCLIPModel, build_model
 
-__all__ = ["TrainSummary", "cosine_lr", "param_groups", "train", "train_step"]
+__all__ = ["NO_DECAY_TOKENS", "TrainSummary", "cosine_lr", "param_groups", "soft_ramp", "train", "train_step"]
 
 MAX_LOGIT_SCALE = math.log(100)  # CLIP clamps the temperature at 1/100
+# Learned tokens of the ROI branch: embeddings, not weights, so never decayed (as norms and biases).
+NO_DECAY_TOKENS = ("roi.query", "roi.no_box")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -64,13 +66,15 @@ def cosine_lr(step: int, *, base_lr: float, warmup_steps: int, total_steps: int)
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: no weight decay on norms, biases, the logit scale and other 1-d / scalar parameters
-    (open_clip's rule), ``weight_decay`` on the rest."""
+    (open_clip's rule) nor on the ROI branch's learned tokens (:data:`NO_DECAY_TOKENS`), ``weight_decay``
+    on the rest."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         exclude = p.ndim < 2 or "bn" in name or "ln" in name or "norm" in name or "bias" in name
-        (no_decay if exclude or "logit_scale" in name else decay).append(p)
+        exclude = exclude or "logit_scale" in name or name.removeprefix("module.").startswith(NO_DECAY_TOKENS)
+        (no_decay if exclude else decay).append(p)
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
 
@@ -109,7 +113,7 @@ def _checkpoint(cfg: TrainConfig, model: SoftCLIPModel, optimizer, progress: dic
             "model_config": open_clip.get_model_config(cfg.model.name),
             "roi_state_dict": model.roi.state_dict(), "optimizer": optimizer.state_dict(),
             "step": progress["step"], "epoch": progress["epoch"], "data_position": positions, "rng": rng,
-            "config": to_dict(cfg)}
+            "config": to_dict(cfg)} | ({"ema_state_dict": model.ema_text.state_dict()} if model.ema_text else {})
 
 
 # What a resumable checkpoint must hold (see train.checkpoint).
@@ -146,42 +150,68 @@ def _restore(path: Path, cfg: TrainConfig, model: SoftCLIPModel, optimizer, rank
     try:
         model.clip.load_state_dict(ckpt["state_dict"])
         model.roi.load_state_dict(ckpt["roi_state_dict"])
+        if model.ema_text is not None:
+            model.ema_text.load_state_dict(ckpt["ema_state_dict"])
         optimizer.load_state_dict(ckpt["optimizer"])
     except (RuntimeError, ValueError, KeyError) as error:
         raise ValueError(f"{path}: the checkpoint does not fit this run ({error}); resume with the config the "
-                         "run was started with (loss.lam / loss.mu / loss.detach_targets decide which parameters "
-                         "train)") from error
+                         "run was started with (loss.lam / loss.mu / loss.roi_weight / loss.detach_targets "
+                         "decide which parameters train, loss.*_target=ema_text adds an EMA text tower)") from error
     for group, fresh in zip(optimizer.param_groups, settings):
         group.update(fresh)  # this run's weight decay, betas, eps (lr is set every step by the schedule)
     restore_rng(ckpt["rng"][rank])
     return {"step": ckpt["step"], "epoch": ckpt["epoch"], "positions": ckpt["data_position"][rank]}
 
 
-def train_step(model, loss_fn: SoftCLIPLoss, optimizer, batch: dict, cfg: TrainConfig,
-               device: torch.device) -> dict[str, torch.Tensor]:
+def _teacher_views(out: dict, batch: dict, needed: frozenset[str], device: torch.device) -> dict:
+    """The loss's teacher views: learned ones from the model output, parameter-free ones from the batch."""
+    views = {"roi": out.get("roi"), "text": out.get("tag"), "ema_text": out.get("ema_tag")}
+    if "roi_mean" in needed:
+        views["roi_mean"] = mean_roi_features(batch["roi_features"].to(device, non_blocking=True),
+                                              batch["roi_mask"].to(device, non_blocking=True))
+    if "tagset" in needed:
+        views["tagset"] = tagset_vectors(batch["tagset"].to(device, non_blocking=True))
+    return {k: v for k, v in views.items() if k in needed}
+
+
+def train_step(model, loss_fn: SoftCLIPLoss, optimizer, batch: dict, cfg: TrainConfig, device: torch.device,
+               soft_scale: float = 1.0) -> dict[str, torch.Tensor]:
     """One optimizer step on ``batch`` (a :class:`train.data.TrainData` batch); ``model`` is the
-    :class:`SoftCLIPModel`, possibly wrapped by DDP / ``torch.compile``. Returns the loss terms, the gradient
-    norm and the logit scale as detached tensors (reading them is what waits for the device)."""
+    :class:`SoftCLIPModel`, possibly wrapped by DDP / ``torch.compile``; ``optimizer`` a fused AdamW.
+    ``soft_scale`` multiplies ``lam`` and ``mu`` (the warm-up ramp). A non-finite loss or gradient norm
+    skips the update on the device (the fused AdamW's ``found_inf``: no host sync) and sets ``nonfinite``.
+    Returns the loss terms, monitors, the gradient norm, ``nonfinite`` (0 or 1) and the logit scale as
+    detached tensors (reading them is what waits for the device)."""
+    needed = loss_fn.views
     inputs = {"images": batch["images"], "texts": batch["texts"]}
-    if loss_fn.needs_tags:
+    if "text" in needed:
         inputs["tags"] = batch["tags"]
-    if loss_fn.needs_roi:
+    if "ema_text" in needed:
+        inputs["ema_tags"] = batch["tags"]
+    if "roi" in needed:
         inputs |= {k: batch[k] for k in ("roi_features", "roi_geometry", "roi_mask")}
     inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
     use_bf16 = device.type == "cuda" and cfg.optim.precision == "bf16"
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
         out = model(inputs.pop("images"), inputs.pop("texts"), **inputs)
-    losses = loss_fn(out["image"], out["text"], out["logit_scale"], out.get("roi"), out.get("tag"))
+    losses = loss_fn(out["image"], out["text"], out["logit_scale"], _teacher_views(out, batch, needed, device),
+                     soft_scale=soft_scale)
     optimizer.zero_grad(set_to_none=True)
     losses["loss"].backward()
     params = [p for group in optimizer.param_groups for p in group["params"]]
     max_norm = cfg.optim.grad_clip_norm or float("inf")
     losses["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    nonfinite = ~(torch.isfinite(losses["loss"]) & torch.isfinite(losses["grad_norm"]))
+    optimizer.found_inf = nonfinite.float()  # fused AdamW skips the whole update where this is 1
     optimizer.step()
-    logit_scale = _unwrap(model).clip.logit_scale
+    unwrapped = _unwrap(model)
+    if unwrapped.ema_text is not None:
+        unwrapped.ema_text.update(unwrapped.clip, cfg.loss.ema_decay)
+    logit_scale = unwrapped.clip.logit_scale
     with torch.no_grad():
         logit_scale.clamp_(0, MAX_LOGIT_SCALE)
     losses["logit_scale"] = logit_scale.detach().exp()
+    losses["nonfinite"] = nonfinite.float()
     return {k: v.detach() for k, v in losses.items()}
 
 
@@ -190,33 +220,53 @@ def _unwrap(model) -> SoftCLIPModel:
     return getattr(model, "module", model)  # DDP
 
 
-def _log_metrics(losses: dict, lr: float, timing: dict, errors: dict, global_batch: int) -> dict[str, float]:
-    """Numbers for one log line; raises FloatingPointError on a non-finite loss (training has diverged)."""
-    metrics = {k: float(v) for k, v in losses.items()}
-    if not math.isfinite(metrics["loss"]):
-        raise FloatingPointError(f"loss is {metrics['loss']} at this step: training diverged; lower optim.lr "
-                                 "or raise optim.warmup_steps and resume from an earlier checkpoint")
+def _log_metrics(losses: dict, lr: float, timing: dict, errors: dict, global_batch: int,
+                 skip_nonfinite: bool) -> dict[str, float]:
+    """Numbers for one log line. ``timing["nonfinite"]`` counts the steps since the last log whose update
+    was skipped (non-finite loss or gradient); unless ``skip_nonfinite``, any raises FloatingPointError
+    (training has diverged) -- the weights are those before the first such step."""
+    metrics = {k: float(v) for k, v in losses.items() if k != "nonfinite"}
+    skipped = int(timing["nonfinite"])
+    if skipped and not skip_nonfinite:
+        raise FloatingPointError(f"{skipped} step(s) since the last log had a non-finite loss or gradient (loss "
+                                 f"now {metrics['loss']}): training diverged; lower optim.lr or raise "
+                                 "optim.warmup_steps and resume from an earlier checkpoint (their updates were "
+                                 "skipped), or set optim.skip_nonfinite=true to skip such steps and go on")
     elapsed = max(timing["elapsed"], 1e-9)
     metrics |= {"lr": lr, "samples_per_s": timing["steps"] * global_batch / elapsed,
-                "data_wait_s": timing["data_wait"] / max(timing["steps"], 1)}
+                "data_wait_s": timing["data_wait"] / max(timing["steps"], 1), "nonfinite_steps": float(skipped)}
     metrics |= {f"data_{kind}": float(sum(e.get(kind, 0) for e in errors.values())) for kind in ERROR_KINDS}
     return metrics
+
+
+def _loss_fn(cfg: TrainConfig, world_size: int) -> SoftCLIPLoss:
+    loss = cfg.loss
+    return SoftCLIPLoss(beta=loss.beta, lam=loss.lam, mu=loss.mu, image_target=loss.image_target,
+                        text_target=loss.text_target, tau_image=loss.tau_image, tau_text=loss.tau_text,
+                        roi_weight=loss.roi_weight, detach_targets=loss.detach_targets, world_size=world_size)
+
+
+def _set_threads(cfg: TrainConfig) -> None:
+    """Main-process torch threads: ``data.threads``, or this rank's share of the cores (ranks on the node
+    share them evenly) less one per loader worker (workers run with 1 thread: :mod:`train.data`)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    share = cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    torch.set_num_threads(cfg.data.threads or max(share - cfg.data.num_workers, 1))
 
 
 def _setup(cfg: TrainConfig, resume: str | None, rank: int, world_size: int, device: torch.device):
     """Model, loss, optimizer, data and the progress to start from (fresh or resumed)."""
     _seed_everything(cfg.seed)  # identical initial weights on every rank
-    model, preprocess_train, _, tokenizer = build_model(cfg.model)
+    _set_threads(cfg)
+    loss_fn = _loss_fn(cfg, world_size)
+    model, preprocess_train, _, tokenizer = build_model(cfg.model, ema_text="ema_text" in loss_fn.views)
     model.to(device)
-    loss_fn = SoftCLIPLoss(beta=cfg.loss.beta, tau_s=cfg.loss.tau_s, lam=cfg.loss.lam, mu=cfg.loss.mu,
-                           target_source=cfg.loss.target_source, detach_targets=cfg.loss.detach_targets,
-                           world_size=world_size)
-    if not loss_fn.needs_roi or loss_fn.detach_targets:
-        # No gradient ever reaches the ROI branch (CLIP baseline, detached targets): freeze it, so that DDP
-        # does not wait for its gradients and AdamW does not decay it.
+    if "roi" not in loss_fn.views or (loss_fn.roi_weight == 0 and loss_fn.detach_targets):
+        # No gradient ever reaches the ROI branch (CLIP baseline, a detached ROI teacher without L_roi):
+        # freeze it, so that DDP does not wait for its gradients and AdamW does not decay it.
         model.roi.requires_grad_(False)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
-                                  betas=cfg.optim.betas, eps=cfg.optim.eps)
+                                  betas=cfg.optim.betas, eps=cfg.optim.eps, fused=True)
     data = TrainData(cfg.data, transform=preprocess_train, tokenizer=tokenizer,
                      feature_dim=cfg.model.roi_feature_dim, seed=cfg.seed, rank=rank, world_size=world_size)
     _seed_everything(cfg.seed + rank)
@@ -248,11 +298,25 @@ class _Run:
     saved_at: int = -1
 
 
+def _fresh_timing(device: torch.device) -> dict:
+    """Counters between two log steps; ``nonfinite`` (skipped updates) stays on the device."""
+    return {"elapsed": 0.0, "steps": 0, "data_wait": 0.0, "nonfinite": torch.zeros((), device=device)}
+
+
+def soft_ramp(step: int, cfg: TrainConfig) -> float:
+    """The factor on ``lam`` and ``mu`` at optimizer step ``step`` (0-based): ``(step + 1) / warmup_steps``
+    during the warm-up when ``loss.ramp``, else 1. Early predictions are near uniform, so full-weight soft
+    terms would dominate the first gradients (InfoNCE and L_roi carry the warm-up alone)."""
+    if not cfg.loss.ramp or step >= cfg.optim.warmup_steps:
+        return 1.0
+    return (step + 1) / cfg.optim.warmup_steps
+
+
 def _run_epoch(run: _Run) -> None:
     """Steps through the rest of the current epoch (or up to ``total_steps``)."""
     progress = run.progress
     positions = [list(p) for p in (progress["positions"] or [[0, 0]] * run.data.num_workers)]
-    timing, errors = {"elapsed": 0.0, "steps": 0, "data_wait": 0.0}, {}
+    timing, errors = _fresh_timing(run.device), {}
     tick = time.perf_counter()
     for batch in run.data.epoch_batches(progress["epoch"], progress["positions"]):
         timing["data_wait"] += time.perf_counter() - tick
@@ -261,21 +325,23 @@ def _run_epoch(run: _Run) -> None:
                        total_steps=run.total_steps)
         for group in run.optimizer.param_groups:
             group["lr"] = lr
-        losses = train_step(run.step_model, run.loss_fn, run.optimizer, batch, run.cfg, run.device)
+        losses = train_step(run.step_model, run.loss_fn, run.optimizer, batch, run.cfg, run.device,
+                            soft_scale=soft_ramp(step, run.cfg))
         if run.first_loss is None:
             run.first_loss = float(losses["loss"])
         positions[batch["worker"]] = [batch["consumed"], batch["batches"]]
         errors[batch["worker"]] = batch["errors"]
         progress |= {"step": step + 1, "positions": positions}
         timing["steps"] += 1
+        timing["nonfinite"] += losses["nonfinite"]  # on the device: no sync until the next log
         timing["elapsed"] += time.perf_counter() - tick
         run.bar.update(1)
         if step == 0 or (step + 1) % run.cfg.log.every_n_steps == 0 or step + 1 == run.total_steps:
-            metrics = _log_metrics(losses, lr, timing, errors, run.cfg.data.batch_size)
+            metrics = _log_metrics(losses, lr, timing, errors, run.cfg.data.batch_size, run.cfg.optim.skip_nonfinite)
             run.last_loss = metrics["loss"]
             run.logger.log(step + 1, metrics | {"epoch": progress["epoch"]})
             run.bar.set_postfix(loss=f"{metrics['loss']:.4f}")
-            timing = {"elapsed": 0.0, "steps": 0, "data_wait": 0.0}
+            timing = _fresh_timing(run.device)
         if (step + 1) % run.cfg.log.checkpoint_every_n_steps == 0 or step + 1 == run.total_steps:
             _save(run)
         if progress["step"] >= run.total_steps:

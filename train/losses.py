@@ -4,18 +4,24 @@ Notation (global batch of N pairs, all embeddings L2-normalised, ``s`` the logit
 
 - predictions ``P_i2t = softmax_rows(s v t^T)``, ``P_t2i = softmax_rows(s t v^T)``;
 - InfoNCE ``L_nce = (CE(I, P_i2t) + CE(I, P_t2i)) / 2``;
-- self-similarity ``S = softmax_rows(x x^T / tau_s)`` of ROI embeddings ``r`` (image side) and tag
-  embeddings ``g`` (text side), diagonal kept;
+- self-similarity ``S = softmax_rows(x x^T / tau_s)`` of a teacher view ``x`` per side (image side: ROI
+  embeddings ``r`` or mean detector features; text side: tag embeddings ``g`` from the live or an EMA text
+  tower, or multi-hot tag sets ``h``), diagonal kept, each side with its own ``tau_s``;
 - softened targets ``Y_i2t = (1 - beta) I + beta S_img``, ``Y_t2i = (1 - beta) I + beta S_txt``;
 - ``L_soft = (SKL(Y_i2t, P_i2t) + SKL(Y_t2i, P_t2i)) / 2`` with ``SKL(a, b) = KL(a||b) + KL(b||a)``, row mean;
 - disentangled negatives: the positive is masked with a large negative logit before the softmax in both
   target and prediction, ``L_neg = (SKL(~Y_i2t, ~P_i2t) + SKL(~Y_t2i, ~P_t2i)) / 2``;
-- ``L = L_nce + lam L_soft + mu L_neg``; CLIP is ``lam = mu = 0``.
+- ROI-to-caption InfoNCE ``L_roi = (CE(I, softmax_rows(s r t^T)) + CE(I, softmax_rows(s t r^T))) / 2``: what
+  trains the ROI branch, whose output is detached where it builds the targets (the teacher);
+- ``L = L_nce + roi_weight L_roi + ramp (lam L_soft + mu L_neg)``; CLIP is ``lam = mu = roi_weight = 0``,
+  the matched control ``lam = mu = 0`` with ``roi_weight > 0``.
 
 Distributions are handled as log-probabilities throughout, so every KL is finite.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -24,12 +30,18 @@ from torch import nn
 __all__ = [
     "MASK_LOGIT",
     "TAGSET_BUCKETS",
+    "TARGET_SOURCES",
+    "VIEW_SOURCES",
     "SoftCLIPLoss",
+    "calibrate_tau",
     "contrastive_loss",
     "disentangled_negatives",
     "gather_features",
     "label_smoothing_targets",
+    "mean_off_diagonal_cosine",
+    "mean_roi_features",
     "negative_loss",
+    "negatives_entropy",
     "row_entropy",
     "self_similarity",
     "soft_loss",
@@ -120,12 +132,13 @@ def symmetric_kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
     return ((a - b) * (log_a - log_b)).sum(dim=1).mean()
 
 
-def soft_loss(log_y_i2t: torch.Tensor, log_y_t2i: torch.Tensor,
+def soft_loss(log_y_i2t: torch.Tensor | None, log_y_t2i: torch.Tensor | None,
               logits_i2t: torch.Tensor, logits_t2i: torch.Tensor) -> torch.Tensor:
-    """``L_soft = (SKL(Y_i2t, P_i2t) + SKL(Y_t2i, P_t2i)) / 2``; targets as log-probabilities, predictions
-    as logits."""
-    return (symmetric_kl(log_y_i2t, F.log_softmax(logits_i2t, dim=1))
-            + symmetric_kl(log_y_t2i, F.log_softmax(logits_t2i, dim=1))) / 2
+    """``L_soft = (SKL(Y_i2t, P_i2t) + SKL(Y_t2i, P_t2i)) / 2``; targets as log-probabilities (None: that
+    direction has no soft target and adds 0), predictions as logits."""
+    return sum((symmetric_kl(log_y, F.log_softmax(logits, dim=1)) for log_y, logits in
+                ((log_y_i2t, logits_i2t), (log_y_t2i, logits_t2i)) if log_y is not None),
+               torch.zeros((), device=logits_i2t.device)) / 2
 
 
 def disentangled_negatives(scores: torch.Tensor) -> torch.Tensor:
@@ -135,93 +148,170 @@ def disentangled_negatives(scores: torch.Tensor) -> torch.Tensor:
     return F.log_softmax(scores.masked_fill(eye, MASK_LOGIT), dim=1)
 
 
-def negative_loss(log_y_i2t: torch.Tensor, log_y_t2i: torch.Tensor,
+def negative_loss(log_y_i2t: torch.Tensor | None, log_y_t2i: torch.Tensor | None,
                   logits_i2t: torch.Tensor, logits_t2i: torch.Tensor) -> torch.Tensor:
-    """``L_neg = (SKL(~Y_i2t, ~P_i2t) + SKL(~Y_t2i, ~P_t2i)) / 2`` with ``~`` :func:`disentangled_negatives`."""
-    return (symmetric_kl(disentangled_negatives(log_y_i2t), disentangled_negatives(logits_i2t))
-            + symmetric_kl(disentangled_negatives(log_y_t2i), disentangled_negatives(logits_t2i))) / 2
+    """``L_neg = (SKL(~Y_i2t, ~P_i2t) + SKL(~Y_t2i, ~P_t2i)) / 2`` with ``~`` :func:`disentangled_negatives`
+    (a None target adds 0)."""
+    return sum((symmetric_kl(disentangled_negatives(log_y), disentangled_negatives(logits)) for log_y, logits in
+                ((log_y_i2t, logits_i2t), (log_y_t2i, logits_t2i)) if log_y is not None),
+               torch.zeros((), device=logits_i2t.device)) / 2
 
 
 def row_entropy(log_p: torch.Tensor) -> torch.Tensor:
-    """Mean entropy (nats) of the rows of ``[N, N]`` log-probabilities; a collapse monitor."""
+    """Mean entropy (nats) of the rows of ``[N, N]`` log-probabilities."""
     return -(log_p.exp() * log_p).sum(dim=1).mean()
 
 
+def negatives_entropy(log_y: torch.Tensor) -> torch.Tensor:
+    """The collapse monitor ``H(~Y)``: mean row entropy of the negatives-only target
+    (:func:`disentangled_negatives` of ``log Y``). It does not depend on ``beta``; uniform (no signal, or a
+    collapsed teacher) is ``ln(N - 1)``, 4.14 nats at ``N = 64``; near 0 is one-hot (tau_s too small)."""
+    return row_entropy(disentangled_negatives(log_y))
+
+
+def mean_off_diagonal_cosine(x: torch.Tensor) -> torch.Tensor:
+    """Mean cosine between different rows of ``[N, d]`` unit vectors; 1.0 when every row is the same."""
+    n = x.shape[0]
+    if n < 2:
+        return torch.zeros((), device=x.device)
+    gram = x @ x.T
+    return (gram.sum() - gram.diagonal().sum()) / (n * (n - 1))
+
+
+def mean_roi_features(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The parameter-free image-side view ``roi_mean``: the detector's ROI features ``[N, M, D]`` averaged
+    over the valid boxes (``mask [N, M]``) and L2-normalised, ``[N, D]``; zero for an image without boxes."""
+    weights = mask.unsqueeze(-1).float()
+    return F.normalize((features.float() * weights).sum(1) / weights.sum(1).clamp_min(1.0), dim=-1)
+
+
+def calibrate_tau(x: torch.Tensor, target_nats: float = 2.25, *, steps: int = 40) -> float:
+    """The ``tau_s`` at which a teacher view ``x [N, d]`` (unit rows, e.g. one batch of 64) gives
+    ``H(~Y) = target_nats``, by bisection on ``log tau`` (``H(~Y)`` grows with ``tau_s``). Aim for 1.5 to
+    3 nats at batch 64: lower is close to one-hot (no soft signal), ``ln(N - 1)`` is uniform.
+
+    Example: ``calibrate_tau(tagset_vectors(batch["tagset"]))`` for ``loss.tau_text`` with ``tagset``."""
+    with torch.no_grad():
+        low, high = math.log(1e-4), math.log(1e2)
+        for _ in range(steps):
+            mid = (low + high) / 2
+            if float(negatives_entropy(self_similarity(x.float(), math.exp(mid)))) < target_nats:
+                low = mid
+            else:
+                high = mid
+    return math.exp((low + high) / 2)
+
+
+# Teacher views of the softened targets; "student", "uniform" and "none" need no view.
+VIEW_SOURCES = ("roi", "roi_mean", "text", "ema_text", "tagset")
+TARGET_SOURCES = (*VIEW_SOURCES, "student", "uniform", "none")
+
+
 class SoftCLIPLoss(nn.Module):
-    """SoftCLIP's training loss; with ``lam = mu = 0`` exactly open_clip's ``ClipLoss``.
+    """SoftCLIP's training loss; with ``lam = mu = roi_weight = 0`` exactly open_clip's ``ClipLoss``.
 
     Args:
         beta: weight of the self-similarity in the softened targets; must be > 0 unless ``lam = mu = 0``.
-        tau_s: temperature of the intra-modal self-similarity.
         lam, mu: weights of ``L_soft`` and ``L_neg``.
-        target_source: ``roi_tag`` (``S_img`` from ROI, ``S_txt`` from tag embeddings), ``roi`` (``S_img``
-            for both directions), ``tag`` (``S_txt`` for both), ``label_smoothing`` (uniform negatives),
-            ``raw`` (the model's own image / caption embeddings, detached).
-        detach_targets: stop gradients into the targets (the ROI branch and the tags' text tower pass).
+        image_target, text_target: the source of ``S_img`` (target of image->text) and ``S_txt`` (text->image):
+            a teacher view ``roi`` (the ROI aggregator's embedding ``r``), ``roi_mean`` (mean detector ROI
+            features, no parameters), ``text`` (the tags through the live text tower, ``g``), ``ema_text``
+            (the tags through an EMA copy of the text tower), ``tagset`` (multi-hot tag sets,
+            :func:`tagset_vectors`); or ``student`` (the model's own image / caption embeddings, detached),
+            ``uniform`` (label smoothing: uniform over the negatives) or ``none`` (no soft terms that way).
+        tau_image, tau_text: ``tau_s`` of each side's self-similarity (see :func:`calibrate_tau`).
+        roi_weight: weight of ``L_roi``, InfoNCE between ``r`` and the captions: what trains the ROI branch.
+        detach_targets: stop gradients into the targets (the teacher): the ROI branch then learns from
+            ``L_roi`` only and the tag pass of the text tower gets no gradient.
         world_size: ranks to gather embeddings from (:func:`gather_features`, with gradient).
 
-    ``forward(image, text, logit_scale, roi=None, tag=None)`` takes ``[n, d]`` normalised embeddings of the
-    local batch and the *exponentiated* logit scale, and returns a dict of scalars: ``loss`` (to
-    backpropagate), ``loss_nce``, ``loss_soft``, ``loss_neg``, ``entropy_target`` and ``entropy_pred`` (mean
-    row entropy of the targets, 0 for one-hot, and of the predictions, averaged over both directions).
+    ``forward(image, text, logit_scale, views, soft_scale=1.0)`` takes ``[n, d]`` normalised embeddings of the
+    local batch, the *exponentiated* logit scale and ``views`` (source name -> ``[n, d']`` unit vectors, the
+    names in :attr:`views`). ``soft_scale`` multiplies ``lam`` and ``mu`` (the warm-up ramp). It returns a dict
+    of scalars: ``loss`` (to backpropagate), ``loss_nce``, ``loss_soft``, ``loss_neg``, ``loss_roi``,
+    ``entropy_pred`` (mean row entropy of the predictions), the monitors ``neg_entropy_i2t`` /
+    ``neg_entropy_t2i`` (:func:`negatives_entropy`) for each side with a target, and ``cos_r`` / ``cos_g``
+    (:func:`mean_off_diagonal_cosine` of ``r`` and of the text-side view) when those are computed.
     """
 
-    def __init__(self, *, beta: float = 0.3, tau_s: float = 0.07, lam: float = 1.0, mu: float = 0.5,
-                 target_source: str = "roi_tag", detach_targets: bool = False, world_size: int = 1):
+    def __init__(self, *, beta: float = 0.3, lam: float = 1.0, mu: float = 0.5, image_target: str = "roi",
+                 text_target: str = "tagset", tau_image: float = 0.1, tau_text: float = 0.1,
+                 roi_weight: float = 1.0, detach_targets: bool = True, world_size: int = 1):
         super().__init__()
-        if target_source not in ("roi_tag", "roi", "tag", "label_smoothing", "raw"):
-            raise ValueError(f"unknown target_source {target_source!r}: use roi_tag, roi, tag, "
-                             "label_smoothing or raw")
-        if beta <= 0 and (lam > 0 or mu > 0):
+        for side, source in (("image_target", image_target), ("text_target", text_target)):
+            if source not in TARGET_SOURCES:
+                raise ValueError(f"unknown {side} {source!r}: use one of {', '.join(TARGET_SOURCES)}")
+        soft = lam > 0 or mu > 0
+        if soft and beta <= 0:
             raise ValueError(f"beta={beta} with lam={lam}, mu={mu}: beta=0 makes the targets one-hot, for which "
                              "the soft and negative terms are not defined; use beta > 0, or lam=mu=0 for CLIP")
-        self.beta, self.tau_s, self.lam, self.mu = beta, tau_s, lam, mu
-        self.target_source, self.detach_targets, self.world_size = target_source, detach_targets, world_size
+        if soft and image_target == text_target == "none":
+            raise ValueError("image_target=none and text_target=none leave no soft target: choose a source, or "
+                             "lam=mu=0 for CLIP")
+        if tau_image <= 0 or tau_text <= 0 or roi_weight < 0:
+            raise ValueError("tau_image and tau_text must be positive and roi_weight non-negative")
+        self.beta, self.lam, self.mu, self.roi_weight = beta, lam, mu, roi_weight
+        self.image_target, self.text_target = image_target, text_target
+        self.tau_image, self.tau_text = tau_image, tau_text
+        self.detach_targets, self.world_size = detach_targets, world_size
 
     @property
-    def needs_roi(self) -> bool:
-        """Whether ``forward`` uses ROI embeddings."""
-        return (self.lam > 0 or self.mu > 0) and self.target_source in ("roi_tag", "roi")
+    def views(self) -> frozenset[str]:
+        """The teacher views ``forward`` needs (names from :data:`VIEW_SOURCES`)."""
+        soft = self.lam > 0 or self.mu > 0
+        used = {self.image_target, self.text_target} & set(VIEW_SOURCES) if soft else set()
+        return frozenset(used | ({"roi"} if self.roi_weight > 0 else set()))
 
-    @property
-    def needs_tags(self) -> bool:
-        """Whether ``forward`` uses tag embeddings."""
-        return (self.lam > 0 or self.mu > 0) and self.target_source in ("roi_tag", "tag")
-
-    def targets(self, image, text, roi, tag) -> tuple[torch.Tensor, torch.Tensor]:
-        """Log softened targets ``(log Y_i2t, log Y_t2i)`` for gathered ``[N, d]`` embeddings."""
-        if self.target_source == "label_smoothing":
-            y = label_smoothing_targets(image.shape[0], self.beta, device=image.device, dtype=image.dtype)
-            return y, y
-        sources = {"roi_tag": (roi, tag), "roi": (roi, roi), "tag": (tag, tag),
-                   "raw": (image.detach(), text.detach())}[self.target_source]
-        if any(s is None for s in sources):
-            raise ValueError(f"target_source={self.target_source} needs the ROI and/or tag embeddings")
-        x_img, x_txt = (s.detach() if self.detach_targets else s for s in sources)
-        y_i2t = softened_targets(self_similarity(x_img, self.tau_s), self.beta)
-        y_t2i = y_i2t if x_txt is x_img else softened_targets(self_similarity(x_txt, self.tau_s), self.beta)
-        return y_i2t, y_t2i
+    def _log_similarity(self, source: str, views: dict, own: torch.Tensor, tau: float) -> torch.Tensor | None:
+        """``log S`` of one side (``own``: that side's student embeddings); None for ``none``."""
+        if source == "none":
+            return None
+        if source == "uniform":
+            return label_smoothing_targets(own.shape[0], self.beta, device=own.device, dtype=own.dtype)
+        if source == "student":
+            return softened_targets(self_similarity(own.detach(), tau), self.beta)
+        x = views[source].detach() if self.detach_targets else views[source]
+        return softened_targets(self_similarity(x, tau), self.beta)
 
     def forward(self, image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
-                roi: torch.Tensor | None = None, tag: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        local = [image, text] + [x for x in (roi, tag) if x is not None]
-        gathered = list(gather_features(*(x.float() for x in local), world_size=self.world_size))
-        image, text = gathered[0], gathered[1]
-        roi = gathered[2] if roi is not None else None
-        tag = gathered[-1] if tag is not None else None
+                views: dict[str, torch.Tensor] | None = None, soft_scale: float = 1.0) -> dict[str, torch.Tensor]:
+        names = sorted(k for k, v in (views or {}).items() if v is not None)
+        missing = sorted(self.views - set(names))
+        if missing:
+            raise ValueError(f"the loss needs the teacher view(s) {', '.join(missing)} (targets "
+                             f"{self.image_target}/{self.text_target}, roi_weight {self.roi_weight}), which "
+                             "forward was not given")
+        gathered = gather_features(image.float(), text.float(), *(views[k].float() for k in names),
+                                   world_size=self.world_size)
+        image, text, views = gathered[0], gathered[1], dict(zip(names, gathered[2:]))
         logits_i2t = logit_scale * image @ text.T
         logits_t2i = logits_i2t.T
-        out = {"loss_nce": contrastive_loss(logits_i2t, logits_t2i)}
         zero = torch.zeros((), device=image.device)
-        entropy_pred = (row_entropy(F.log_softmax(logits_i2t.detach(), 1))
-                        + row_entropy(F.log_softmax(logits_t2i.detach(), 1))) / 2
+        out = {"loss_nce": contrastive_loss(logits_i2t, logits_t2i), "loss_soft": zero, "loss_neg": zero,
+               "loss_roi": zero}
+        if self.roi_weight > 0:
+            roi_logits = logit_scale * views["roi"] @ text.T
+            out["loss_roi"] = contrastive_loss(roi_logits, roi_logits.T)
+        out["entropy_pred"] = (row_entropy(F.log_softmax(logits_i2t.detach(), 1))
+                               + row_entropy(F.log_softmax(logits_t2i.detach(), 1))) / 2
         if self.lam > 0 or self.mu > 0:
-            y_i2t, y_t2i = self.targets(image, text, roi, tag)
-            out["loss_soft"] = soft_loss(y_i2t, y_t2i, logits_i2t, logits_t2i) if self.lam > 0 else zero
-            out["loss_neg"] = negative_loss(y_i2t, y_t2i, logits_i2t, logits_t2i) if self.mu > 0 else zero
-            entropy_target = (row_entropy(y_i2t.detach()) + row_entropy(y_t2i.detach())) / 2
-        else:
-            out["loss_soft"], out["loss_neg"], entropy_target = zero, zero, zero
-        out["loss"] = out["loss_nce"] + self.lam * out["loss_soft"] + self.mu * out["loss_neg"]
-        out["entropy_target"], out["entropy_pred"] = entropy_target, entropy_pred
+            self._soft_terms(out, views, image, text, logits_i2t, logits_t2i)
+        soft = self.lam * out["loss_soft"] + self.mu * out["loss_neg"]
+        out["loss"] = out["loss_nce"] + self.roi_weight * out["loss_roi"] + soft_scale * soft
+        if "roi" in views:
+            out["cos_r"] = mean_off_diagonal_cosine(views["roi"].detach())
+        if self.text_target in views:
+            out["cos_g"] = mean_off_diagonal_cosine(views[self.text_target].detach())
         return out
+
+    def _soft_terms(self, out: dict, views: dict, image, text, logits_i2t, logits_t2i) -> None:
+        """Adds ``loss_soft``, ``loss_neg`` and the ``H(~Y)`` monitors; a side with target ``none`` adds 0."""
+        y_i2t = self._log_similarity(self.image_target, views, image, self.tau_image)
+        y_t2i = self._log_similarity(self.text_target, views, text, self.tau_text)
+        if self.lam > 0:
+            out["loss_soft"] = soft_loss(y_i2t, y_t2i, logits_i2t, logits_t2i)
+        if self.mu > 0:
+            out["loss_neg"] = negative_loss(y_i2t, y_t2i, logits_i2t, logits_t2i)
+        for direction, log_y in (("i2t", y_i2t), ("t2i", y_t2i)):
+            if log_y is not None:
+                out[f"neg_entropy_{direction}"] = negatives_entropy(log_y.detach())
