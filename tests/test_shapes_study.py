@@ -96,3 +96,13 @@ def test_every_method_and_ablation_is_a_valid_training_config(study):
     assert configs["control"].loss.lam == configs["control"].loss.mu == 0 < configs["control"].loss.roi_weight
     assert configs["oracle"].loss.image_target == configs["oracle"].loss.text_target == "tagset"
     assert configs["softclip"] == base
+
+
+def test_cached_only_runs_nothing_and_lists_what_is_missing(study, tmp_path):
+    payload = study.main(["--cached-only", "--methods", "softclip", "--seeds", "0", "--noise", "0.4",
+                          "--ablations", "none", "--num-train", "8", "--num-eval", "2",
+                          "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out")])
+    assert payload["not_run"] == ["control @ 0.4 seed 0", "softclip @ 0.4 seed 0"]
+    assert payload["tagset_calibration"] == {} and payload["paired"] == {"noise 0.4": {}}
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("artifact.json"))
+    assert "Not run yet (2, left out of every table)" in (tmp_path / "out" / "study.md").read_text()
