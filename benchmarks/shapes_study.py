@@ -145,6 +145,20 @@ def tagset_lift(config: WorkflowConfig, cache: ArtifactCache, tau_s: float, *, b
     return {"H(~Y)": statistics.fmean(entropies), "lift": statistics.fmean(lifts)}
 
 
+def eval_set_stats(config: WorkflowConfig, cache: ArtifactCache) -> dict[str, float]:
+    """How many-to-many the retrieval set is: the share of captions fitting several images, the median and
+    mean number they fit, and the expected "any fit" R@1 of a random ranking (chance, in %)."""
+    dataset = WorkflowRunner(config, cache=cache, log=lambda _: None, until="dataset").run().records[0]
+    path = Path(dataset.outputs["eval"]) / "retrieval" / "dataset_karpathy.json"
+    images = json.loads(path.read_text())["images"]
+    fits = [len(s["consistent_imgids"]) for e in images for s in e["sentences"]]
+    per_image = collections.Counter(i for e in images for s in e["sentences"] for i in s["consistent_imgids"])
+    return {"captions": len(fits), "images": len(images), "fit_several": sum(n > 1 for n in fits) / len(fits),
+            "median_fit": statistics.median(fits), "mean_fit": statistics.fmean(fits),
+            "chance_text_to_image_R@1": 100 * statistics.fmean(n / len(images) for n in fits),
+            "chance_image_to_text_R@1": 100 * statistics.fmean(per_image[e["imgid"]] / len(fits) for e in images)}
+
+
 def complete(config: WorkflowConfig, cache: ArtifactCache, until: str) -> bool:
     """Whether every stage of ``config`` up to ``until`` is complete in ``cache`` (nothing is run)."""
     return all(r.cached for r in WorkflowRunner(config, cache=cache, until=until).plan())
@@ -286,6 +300,8 @@ def main(argv: list[str] | None = None) -> dict:
         config = run_workflow("calibration", features, [], args.noise[0], 0, args)
         if not args.cached_only or complete(config, cache, "extract"):
             calibration |= {f"{features} tags, tau_s {tau}": tagset_lift(config, cache, tau) for tau in TAGSET_TAUS}
+    first = run_workflow("calibration", "detector", [], args.noise[0], 0, args)
+    stats = eval_set_stats(first, cache) if not args.cached_only or complete(first, cache, "dataset") else {}
     names = list(dict.fromkeys(r[0] for r in runs))
     levels = sorted({r[3] for r in runs})
     absolute, paired = {}, {}
@@ -304,6 +320,12 @@ def main(argv: list[str] | None = None) -> dict:
             f"retrieval images x 5 captions, {args.epochs} epochs, seeds {args.seeds}; numbers in %. "
             "Paired: run minus its baseline on the same seed, mean ± std (each seed's value).", "",
             f"Cost: {cost}.", ""]
+    if stats:
+        text += [f"Evaluation set: {stats['images']} images, {stats['captions']} captions; "
+                 f"{100 * stats['fit_several']:.0f}% of the captions fit several images (median "
+                 f"{stats['median_fit']:g}, mean {stats['mean_fit']:.1f}); a random ranking scores "
+                 f"{stats['chance_text_to_image_R@1']:.1f}% text->image and {stats['chance_image_to_text_R@1']:.1f}% "
+                 "image->text \"any fit\" R@1 (chance).", ""]
     if missing:
         text += [f"Not run yet ({len(missing)}, left out of every table): " + "; ".join(missing) + ".", ""]
     for setting in absolute:
@@ -317,7 +339,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     payload = {"command": command.strip(), "seeds": args.seeds, "noise_kind": args.noise_kind,
                "epochs": args.epochs, "num_train": args.num_train, "num_eval": args.num_eval,
-               "absolute": absolute, "paired": paired, "monitors": monitors, "tagset_calibration": calibration,
+               "absolute": absolute, "paired": paired, "monitors": monitors, "tagset_calibration": calibration, "eval_set": stats,
                "not_run": missing,
                "compute_seconds": {stage: round(s, 1) for stage, s in sorted(stage_seconds.items())},
                "seconds": round(time.perf_counter() - start, 1)}

@@ -106,3 +106,14 @@ def test_cached_only_runs_nothing_and_lists_what_is_missing(study, tmp_path):
     assert payload["tagset_calibration"] == {} and payload["paired"] == {"noise 0.4": {}}
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("artifact.json"))
     assert "Not run yet (2, left out of every table)" in (tmp_path / "out" / "study.md").read_text()
+
+
+def test_eval_set_stats_give_the_chance_of_a_random_ranking(study, tmp_path):
+    from softclip.workflows.cache import ArtifactCache
+
+    args = study.parse_args(["--noise", "0.4", "--num-train", "4", "--num-eval", "30"])
+    stats = study.eval_set_stats(study.run_workflow("x", "detector", [], 0.4, 0, args), ArtifactCache(tmp_path))
+    assert stats["images"] == 30 and stats["captions"] == 150 and 0 < stats["fit_several"] < 1
+    # a random ranking puts a fitting image first with probability (images it fits) / images
+    assert stats["chance_text_to_image_R@1"] == pytest.approx(100 * stats["mean_fit"] / 30)
+    assert stats["chance_image_to_text_R@1"] == pytest.approx(stats["chance_text_to_image_R@1"])  # same pairs
