@@ -42,7 +42,8 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 # The speed benchmarks (JSON on stdout; see benchmarks/RESULTS.md). The shapes-world study is separate:
-# `make study` (57 training runs, about 1 h 50 min on 2 cores; cached, so an interrupted study continues).
+# `make study` (about 70 distinct training runs, ~2.5 h on 2 cores; every run is cached on its own, so an
+# interrupted study continues, and `--methods/--seeds/--noise/--ablations` run a subset first).
 bench: setup
 	$(BIN)/python benchmarks/detector.py
 	$(BIN)/python benchmarks/extract_job.py --weights extract/weights/shapes/model.pth \

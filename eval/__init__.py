@@ -1,2 +1,2 @@
-__all__ = ["checkpoint", "cli", "clip_benchmark", "datasets", "embed", "evaluate", "image_retrieval", "report", "retrieval",
-           "zeroshot"]
+__all__ = ["checkpoint", "cli", "clip_benchmark", "consistent", "datasets", "embed", "evaluate", "image_retrieval",
+           "report", "retrieval", "zeroshot"]

@@ -158,7 +158,8 @@ def clip_benchmark_metrics(metrics: dict[str, float | None]) -> tuple[str, dict[
 
     ``top1``/``top5`` -> ``acc1``/``acc5`` (``None`` -> NaN, as CLIP_benchmark writes it); image-to-text
     ``R@k`` -> ``text_retrieval_recall@k``; text-to-image -> ``image_retrieval_recall@k`` (it names the
-    direction by what is retrieved).
+    direction by what is retrieved). The many-to-many ``consistent_*`` metrics, which CLIP_benchmark does
+    not define, keep their names.
     """
     if "top1" in metrics:
         renamed = {"acc1": metrics["top1"], "acc5": metrics.get("top5"),
@@ -166,6 +167,9 @@ def clip_benchmark_metrics(metrics: dict[str, float | None]) -> tuple[str, dict[
         return "zeroshot_classification", {k: math.nan if v is None else v for k, v in renamed.items()}
     out = {}
     for name, value in metrics.items():
+        if name.startswith("consistent_"):  # many-to-many metrics (the shapes world): CLIP_benchmark has none
+            out[name] = value
+            continue
         direction, _, k = name.partition("_R@")
         cb = {"image_to_text": "text_retrieval_recall", "text_to_image": "image_retrieval_recall"}.get(direction)
         if cb is None or not k:

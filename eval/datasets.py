@@ -20,6 +20,7 @@ from typing import Literal
 import torch
 from torch.utils.data import Dataset
 
+from softclip.eval.consistent import consistent_indices
 from softclip.pipeline.images import ImageDecodeError, decode_image
 
 __all__ = [
@@ -208,12 +209,14 @@ class ClassificationSet:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class RetrievalSet:
-    """Images and their captions; ``caption_to_image[j]`` is the image index of ``captions[j]``."""
+    """Images and their captions; ``caption_to_image[j]`` is the image index of ``captions[j]``;
+    ``consistent[j]``, when the dataset lists it, the indices of every image ``captions[j]`` fits."""
 
     name: str
     files: list[Path]
     captions: list[str]
     caption_to_image: list[int]
+    consistent: list[list[int]] | None = None
 
 
 def imagenet_templates() -> list[str]:
@@ -287,20 +290,22 @@ def load_retrieval_set(task: str, directory: Path, *, split: str = "test") -> Re
     if spec.coco_captions and not path.is_file():
         return _load_coco_captions(task, directory, directory / spec.coco_captions.format(split=split))
     data = _read_json(path)
-    files, captions, owners = [], [], []
+    files, captions, owners, imgids, consistent = [], [], [], [], []
     try:
         for entry in data["images"]:
             if entry["split"] != split or not entry["sentences"]:
                 continue
             files.append(directory / entry.get("filepath", spec.image_folder) / entry["filename"])
+            imgids.append(entry.get("imgid"))
             for sentence in entry["sentences"]:
                 captions.append(sentence["raw"].strip())
                 owners.append(len(files) - 1)
+                consistent.append(sentence.get("consistent_imgids"))
     except (KeyError, TypeError) as err:
         raise ValueError(f"{path}: missing or malformed field {err}; expected {spec.layout}") from err
     if not files:
         raise ValueError(f"{path}: no image with split == '{split}' and at least one caption")
-    return RetrievalSet(task, files, captions, owners)
+    return RetrievalSet(task, files, captions, owners, consistent_indices(path, imgids, consistent))
 
 
 def _load_coco_captions(task: str, directory: Path, path: Path) -> RetrievalSet:

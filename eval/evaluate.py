@@ -22,6 +22,7 @@ import torch
 
 from softclip.eval.checkpoint import LoadedModel, load_open_clip_checkpoint, read_checkpoint_metadata
 from softclip.eval.clip_benchmark import load_wds_set, write_clip_benchmark_results
+from softclip.eval.consistent import consistency_matrix, consistent_retrieval_metrics
 from softclip.eval.datasets import (
     TASKS,
     ClassificationSet,
@@ -144,8 +145,12 @@ def _evaluate_retrieval(loaded: LoadedModel, data: RetrievalSet, cfg: EvalConfig
                            num_workers=cfg.num_workers, device=device, amp=cfg.amp, desc=f"{data.name} images")
     texts = encode_texts(loaded.model, loaded.tokenizer, data.captions, batch_size=cfg.batch_size,
                          device=device, amp=cfg.amp, desc=f"{data.name} captions")
-    return retrieval_metrics(images.to(device), texts.to(device), torch.tensor(data.caption_to_image),
-                             ties=cfg.ties)
+    metrics = retrieval_metrics(images.to(device), texts.to(device), torch.tensor(data.caption_to_image),
+                                ties=cfg.ties)
+    if data.consistent is not None:  # the dataset knows every image a caption fits (the shapes world)
+        matrix = consistency_matrix(data.consistent, len(data.files))
+        metrics |= consistent_retrieval_metrics(images.to(device), texts.to(device), matrix)
+    return metrics
 
 
 def _evaluate_image_retrieval(loaded: LoadedModel, data: ImageRetrievalSet, cfg: EvalConfig,

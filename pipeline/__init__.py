@@ -1,1 +1,2 @@
-__all__ = ["annotation_features", "cli", "config", "images", "img2dataset", "io", "packed", "registry", "shapes", "shards", "sources"]
+__all__ = ["annotation_features", "cli", "config", "images", "img2dataset", "io", "packed", "registry", "shapes",
+           "shapes_captions", "shards", "sources"]

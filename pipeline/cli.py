@@ -15,7 +15,7 @@ import typer
 
 from softclip.pipeline.config import apply_overrides, load_config
 from softclip.pipeline.io import DiskFullError
-from softclip.pipeline.shapes import ShapesConfig, generate
+from softclip.pipeline.shapes import NOISE_KINDS, ShapesConfig, generate
 
 __all__ = ["STAGE_CLI_MODULES", "build_app", "main"]
 
@@ -42,8 +42,8 @@ def shapes(
     summary = generate(out, cfg)
     typer.echo(f"shapes: {summary['num_train']} training pairs in {summary['num_shards']} shards, "
                f"{summary['num_retrieval']} retrieval and {summary['num_classification']} classification images, "
-               f"caption noise {summary['caption_noise_rate']:.3f}, attribute noise "
-               f"{summary['attribute_noise_rate']:.3f}, {summary['seconds']:.1f}s -> {summary['out']}")
+               + "".join(f"{kind} noise {summary[f'{kind}_noise_rate']:.3f}, " for kind in NOISE_KINDS)
+               + f"{summary['seconds']:.1f}s -> {summary['out']}")
 
 
 def _version_callback(value: bool) -> None:

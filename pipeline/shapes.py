@@ -3,9 +3,12 @@
 Images hold 1 to ``max_objects`` coloured shapes on a textured background; every object is annotated
 with its box, shape, colour and size. Captions come from varied templates with synonyms; some mention
 only a subset of the objects or a spatial relation, so one caption fits several images (the many-to-many
-structure that SoftCLIP's soft targets are for). Two noise knobs corrupt the *training* captions:
-``caption_noise`` replaces a caption by another image's, ``attribute_noise`` swaps one colour word.
-Evaluation sets are always clean.
+structure that SoftCLIP's soft targets are for). Noise knobs corrupt disjoint sets of *training* captions,
+each at exactly its rate (see :mod:`pipeline.shapes_captions`): ``caption_noise`` (another image's caption),
+``attribute_noise`` (one wrong colour word), ``partial_noise`` (one object by shape only) and
+``hallucination_noise`` (an object the image lacks added). Evaluation sets are always clean, and every
+retrieval caption lists the images it fits (``consistent_imgids``, from its ``content``), so evaluation can
+credit a caption's other matching images (:mod:`eval.consistent`).
 
 Layout written by :func:`generate`::
 
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import math
 import time
 from pathlib import Path
@@ -33,13 +37,26 @@ from tqdm.auto import tqdm
 
 from softclip.pipeline.config import save_config
 from softclip.pipeline.img2dataset import ShardWriter
-from softclip.pipeline.io import atomic_write_bytes, atomic_write_json
+from softclip.pipeline.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from softclip.pipeline.shapes_captions import (
+    COLOURS,
+    SHAPES,
+    SIZES,
+    ShapesObject,
+    caption_for,
+    caption_with_content,
+    consistent_images,
+    hallucinated_caption,
+    partial_caption,
+    swap_colour,
+)
 
 __all__ = [
     "COLOURS",
     "SHAPES",
     "SIZES",
     "ShapesConfig",
+    "NOISE_KINDS",
     "ShapesObject",
     "caption_for",
     "CLASSIFICATION_TEMPLATES",
@@ -50,32 +67,13 @@ __all__ = [
     "sample_objects",
 ]
 
-SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross", "ring", "hexagon")
-COLOURS = ("red", "orange", "yellow", "green", "cyan", "blue", "purple", "pink")
-SIZES = ("small", "large")
-
+NOISE_KINDS = ("caption", "attribute", "partial", "hallucination")
 _RGB = {
     "red": (215, 35, 35), "orange": (245, 140, 25), "yellow": (240, 215, 35), "green": (40, 165, 60),
     "cyan": (40, 200, 215), "blue": (40, 70, 215), "purple": (135, 50, 185), "pink": (245, 125, 190),
 }
-_SHAPE_WORDS = {
-    "circle": ("circle", "disc", "round shape"), "square": ("square", "square block"),
-    "triangle": ("triangle",), "diamond": ("diamond", "rhombus"), "star": ("star", "five-pointed star"),
-    "cross": ("cross", "plus sign"), "ring": ("ring", "hoop"), "hexagon": ("hexagon",),
-}
-_COLOUR_WORDS = {
-    "red": ("red", "crimson"), "orange": ("orange",), "yellow": ("yellow", "golden"),
-    "green": ("green",), "cyan": ("cyan", "turquoise"), "blue": ("blue",),
-    "purple": ("purple", "violet"), "pink": ("pink",),
-}
-_SIZE_WORDS = {"small": ("small", "little", "tiny"), "large": ("large", "big", "huge")}
 # Relative side of an object's box, as a fraction of the image side.
 _SIZE_RANGE = {"small": (0.17, 0.23), "large": (0.30, 0.38)}
-_TEMPLATES = (
-    "{}.", "a photo of {}.", "an image showing {}.", "a picture with {}.", "there is {} in the picture.",
-    "{} on a textured background.", "a drawing of {}.", "look at {}!", "a simple scene with {}.",
-)
-_RELATIONS = {"left": "to the left of", "right": "to the right of", "above": "above", "below": "below"}
 CLASSIFICATION_TEMPLATES = (
     "a photo of a {}.", "an image of a {}.", "a picture showing a {}.", "a drawing of a {}.", "a {}.",
 )
@@ -86,21 +84,26 @@ class ShapesConfig:
     """Settings of a shapes-world dataset; the same config and seed give the same bytes."""
 
     num_train: int = 5000  # training image-caption pairs
-    num_retrieval: int = 500  # held-out images, 5 captions each
+    num_retrieval: int = 500  # held-out images, 5 captions each (the study uses >= 2,000)
     num_classification_per_class: int = 4  # single-object images per colour+shape class
     image_size: int = 64
     max_objects: int = 4
     caption_noise: float = 0.0  # fraction of training captions replaced by another image's caption
     attribute_noise: float = 0.0  # fraction of training captions with one wrong colour word
+    partial_noise: float = 0.0  # fraction replaced by an underspecified caption (one object, shape only)
+    hallucination_noise: float = 0.0  # fraction naming one colour+shape the image does not hold
     samples_per_shard: int = 1000
     seed: int = 0
     jpeg_quality: int = 95
 
     def __post_init__(self):
-        if not 0.0 <= self.caption_noise <= 1.0 or not 0.0 <= self.attribute_noise <= 1.0:
-            raise ValueError("caption_noise and attribute_noise must be in [0, 1]")
-        if self.caption_noise + self.attribute_noise > 1.0:
-            raise ValueError("caption_noise + attribute_noise must be at most 1 (they corrupt disjoint samples)")
+        rates = {f"{kind}_noise": getattr(self, f"{kind}_noise") for kind in NOISE_KINDS}
+        for name, rate in rates.items():
+            if not 0.0 <= rate <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {rate}")
+        if sum(rates.values()) > 1.0:
+            raise ValueError(f"{' + '.join(rates)} must be at most 1 (they corrupt disjoint samples), "
+                             f"got {sum(rates.values()):g}")
         if self.image_size < 32:
             raise ValueError(f"image_size must be at least 32, got {self.image_size}")
         if not 1 <= self.max_objects <= 6:
@@ -112,19 +115,6 @@ class ShapesConfig:
         if self.num_train < 2 and round(self.caption_noise * self.num_train) > 0:
             raise ValueError(f"caption_noise={self.caption_noise} replaces a caption by another training image's, "
                              f"but num_train={self.num_train} has no other image; use num_train >= 2 or caption_noise=0")
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
-class ShapesObject:
-    """One annotated object: ``box`` is ``(x1, y1, x2, y2)`` in pixels."""
-
-    shape: str
-    colour: str
-    size: str
-    box: tuple[float, float, float, float]
-
-    def to_json(self) -> dict:
-        return {"box": list(self.box), "shape": self.shape, "colour": self.colour, "size": self.size}
 
 
 def _iou(a: tuple, b: tuple) -> float:
@@ -221,66 +211,6 @@ def render_image(rng: np.random.Generator, image_size: int, objects: list[Shapes
     return image
 
 
-def _article(phrase: str) -> str:
-    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
-
-
-def _describe(rng: np.random.Generator, obj: ShapesObject) -> str:
-    """A noun phrase for one object with a random level of detail and random synonyms."""
-    shape = str(rng.choice(_SHAPE_WORDS[obj.shape]))
-    colour = str(rng.choice(_COLOUR_WORDS[obj.colour]))
-    size = str(rng.choice(_SIZE_WORDS[obj.size]))
-    detail = rng.random()
-    if detail < 0.45:
-        words = f"{size} {colour} {shape}"
-    elif detail < 0.85:
-        words = f"{colour} {shape}"
-    else:
-        words = shape
-    return _article(words)
-
-
-def _join(phrases: list[str]) -> str:
-    return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
-
-
-def _relation(a: ShapesObject, b: ShapesObject) -> str:
-    dx = (a.box[0] + a.box[2] - b.box[0] - b.box[2]) / 2
-    dy = (a.box[1] + a.box[3] - b.box[1] - b.box[3]) / 2
-    if abs(dx) >= abs(dy):
-        return _RELATIONS["left" if dx < 0 else "right"]
-    return _RELATIONS["above" if dy < 0 else "below"]
-
-
-def caption_for(rng: np.random.Generator, objects: list[ShapesObject]) -> str:
-    """A natural caption: all objects, a subset of them, or a spatial relation between two."""
-    order = [objects[i] for i in rng.permutation(len(objects))]
-    choice = rng.random()
-    if len(order) >= 2 and choice < 0.2:
-        a, b = order[0], order[1]
-        text = f"{_describe(rng, a)} {_relation(a, b)} {_describe(rng, b)}."
-    else:
-        if len(order) >= 2 and choice < 0.4:
-            order = order[: int(rng.integers(1, len(order)))]
-        text = str(rng.choice(_TEMPLATES)).format(_join([_describe(rng, o) for o in order]))
-    return text[0].upper() + text[1:]
-
-
-def _swap_colour(rng: np.random.Generator, caption: str) -> str:
-    """Replace one colour word of ``caption`` by a different colour (attribute noise)."""
-    words = caption.split(" ")
-    colour_of = {w: c for c, ws in _COLOUR_WORDS.items() for w in ws}
-    spots = [i for i, w in enumerate(words) if w.strip(".,!").lower() in colour_of]
-    if not spots:
-        return caption
-    i = int(rng.choice(spots))
-    bare = words[i].strip(".,!")
-    true_colour = colour_of[bare.lower()]
-    wrong = str(rng.choice([c for c in COLOURS if c != true_colour]))
-    words[i] = words[i].replace(bare, wrong)
-    return " ".join(words)
-
-
 def encode_jpeg(image: Image.Image, quality: int) -> bytes:
     """JPEG bytes of ``image`` (deterministic for a given Pillow version)."""
     buffer = io.BytesIO()
@@ -291,7 +221,6 @@ def encode_jpeg(image: Image.Image, quality: int) -> bytes:
 def classification_tasks() -> dict[str, list[str]]:
     """Class names of the two zero-shot tasks: by shape, and by colour + shape."""
     return {"shape": list(SHAPES), "colour_shape": [f"{c} {s}" for c in COLOURS for s in SHAPES]}
-
 
 
 _SPLIT_TRAIN, _SPLIT_RETRIEVAL, _SPLIT_CLASSIFICATION, _SPLIT_NOISE = 0, 1, 2, 3
@@ -321,16 +250,23 @@ def _training_samples(cfg: ShapesConfig) -> tuple[list[list[ShapesObject]], list
     for i in order[num_caption:]:
         if num_attribute == 0:
             break
-        swapped = _swap_colour(rng, clean[i])
+        swapped = swap_colour(rng, clean[i])
         if swapped != clean[i]:
             captions[i], noise[i] = swapped, "attribute"
             num_attribute -= 1
+    untouched = [int(i) for i in order[num_caption:] if noise[i] is None]
+    num_partial = int(round(cfg.partial_noise * cfg.num_train))
+    num_hallucination = int(round(cfg.hallucination_noise * cfg.num_train))
+    for i in untouched[:num_partial]:
+        captions[i], noise[i] = partial_caption(rng, objects[i]), "partial"
+    for i in untouched[num_partial : num_partial + num_hallucination]:
+        captions[i], noise[i] = hallucinated_caption(rng, objects[i]), "hallucination"
     return objects, captions, noise
 
 
 def _write_train(out: Path, cfg: ShapesConfig, bar) -> dict[str, int]:
     objects, captions, noise = _training_samples(cfg)
-    counts = {"caption": 0, "attribute": 0}
+    counts = dict.fromkeys(NOISE_KINDS, 0)
     for start in range(0, cfg.num_train, cfg.samples_per_shard):
         with ShardWriter(out, start // cfg.samples_per_shard) as shard:
             for i in range(start, min(start + cfg.samples_per_shard, cfg.num_train)):
@@ -347,11 +283,11 @@ def _write_train(out: Path, cfg: ShapesConfig, bar) -> dict[str, int]:
 
 
 def _write_retrieval(out: Path, cfg: ShapesConfig, bar) -> None:
-    entries = []
+    entries, images, contents = [], [], []
     for i in range(cfg.num_retrieval):
         rng = _sample_rng(cfg.seed, _SPLIT_RETRIEVAL, i)
         objs = sample_objects(rng, cfg.image_size, int(rng.integers(1, cfg.max_objects + 1)))
-        captions = [caption_for(rng, objs) for _ in range(5)]
+        captioned = [caption_with_content(rng, objs) for _ in range(5)]
         filename = f"{i:06d}.jpg"
         atomic_write_bytes(out / "images" / filename, encode_jpeg(render_image(rng, cfg.image_size, objs),
                                                                   cfg.jpeg_quality))
@@ -359,11 +295,20 @@ def _write_retrieval(out: Path, cfg: ShapesConfig, bar) -> None:
             "filepath": "images", "filename": filename, "imgid": i, "cocoid": i, "split": "test",
             "sentids": list(range(5 * i, 5 * i + 5)),
             "sentences": [{"raw": c, "tokens": c.lower().strip(".!").replace(",", "").split(),
-                           "imgid": i, "sentid": 5 * i + k} for k, c in enumerate(captions)],
+                           "imgid": i, "sentid": 5 * i + k, "content": content.to_json()}
+                          for k, (c, content) in enumerate(captioned)],
             "objects": [o.to_json() for o in objs],
         })
+        images.append(objs)
+        contents += [content for _, content in captioned]
         bar.update(1)
-    atomic_write_json(out / "dataset_karpathy.json", {"dataset": "shapes", "images": entries})
+    fitting = iter(consistent_images(contents, images))  # imgid == index here
+    for entry in entries:
+        for sentence in entry["sentences"]:
+            sentence["consistent_imgids"] = next(fitting)
+    # compact, as the real Karpathy files are: the id lists would take ~8x the bytes indented
+    atomic_write_text(out / "dataset_karpathy.json",
+                      json.dumps({"dataset": "shapes", "images": entries}, separators=(",", ":")) + "\n")
 
 
 def _write_classification(out: Path, cfg: ShapesConfig, bar) -> None:
@@ -425,6 +370,6 @@ def generate(out_dir: str | Path, cfg: ShapesConfig, *, progress: bool = True) -
         "out": str(out), "num_train": cfg.num_train, "num_shards": math.ceil(cfg.num_train / cfg.samples_per_shard),
         "num_retrieval": cfg.num_retrieval,
         "num_classification": cfg.num_classification_per_class * len(COLOURS) * len(SHAPES),
-        "caption_noise_rate": noise_counts["caption"] / n, "attribute_noise_rate": noise_counts["attribute"] / n,
+        **{f"{kind}_noise_rate": noise_counts[kind] / n for kind in NOISE_KINDS},
         "seconds": round(time.perf_counter() - start, 2),
     }

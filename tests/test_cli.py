@@ -31,9 +31,10 @@ def test_commands_stay_thin():
 def test_shapes_command(tmp_path):
     result = runner.invoke(build_app(), ["shapes", "--out", str(tmp_path), "--n", "30", "--noise", "0.2",
                                          "--seed", "3", "--set", "num_retrieval=4",
-                                         "--set", "num_classification_per_class=1"])
+                                         "--set", "num_classification_per_class=1", "--set", "partial_noise=0.1"])
     assert result.exit_code == 0, result.output
     assert "30 training pairs" in result.output and "caption noise 0.200" in result.output
+    assert "partial noise 0.100" in result.output and "hallucination noise 0.000" in result.output
     assert (tmp_path / "train/00000.tar").is_file() and (tmp_path / "shapes.yaml").is_file()
 
 

@@ -98,6 +98,7 @@ def test_cli_writes_side_by_side_report(world):
     result = CliRunner().invoke(_app(), [
         "eval", "--checkpoint", str(clip), "--checkpoint", str(softclip), "--tasks", "shapes",
         "--out", str(out), "--data-root", str(root / "data"), "--batch-size", "32", "--set", "num_workers=0",
+        "--set", "ties=strict",  # the policy of the many-to-many metrics, so that they bound strict recall
     ])
     assert result.exit_code == 0, result.output
     summary = result.output.strip().splitlines()[-1]
@@ -106,8 +107,11 @@ def test_cli_writes_side_by_side_report(world):
     assert payload["labels"] == ["clip", "softclip"]
     assert payload["tasks"] == ["shapes-shape", "shapes-colour_shape", "shapes-retrieval"]
     retrieval = payload["results"]["softclip"]["shapes-retrieval"]
-    assert set(retrieval) == {f"{d}_R@{k}" for d in ("image_to_text", "text_to_image") for k in (1, 5, 10)}
+    strict = {f"{d}_R@{k}" for d in ("image_to_text", "text_to_image") for k in (1, 5, 10)}
+    many = {f"consistent_{d}_{m}" for d in ("image_to_text", "text_to_image") for m in ("R@1", "R@5", "R@10", "mAP")}
+    assert set(retrieval) == strict | many  # the shapes world lists every image a caption fits
     assert all(0.0 <= v <= 1.0 for v in retrieval.values())
+    assert all(retrieval[f"consistent_{key}"] >= retrieval[key] for key in strict)  # its own image is one
     assert payload["results"]["clip"]["shapes-shape"]["top5"] is not None
     table = (out / "results.md").read_text()
     assert "| Δ (softclip − clip) |" in table and "## shapes-retrieval (24 images, 120 captions)" in table
@@ -304,3 +308,15 @@ def test_eval_refuses_a_training_checkpoint_that_fails_its_checksum(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(CorruptCheckpointError, match=str(path)):
         read_checkpoint_metadata(path)
+
+
+def test_clip_benchmark_records_keep_the_many_to_many_metrics_under_their_own_names():
+    from softclip.eval.clip_benchmark import clip_benchmark_metrics
+
+    kind, metrics = clip_benchmark_metrics({"image_to_text_R@1": 0.5, "text_to_image_R@5": 0.25,
+                                            "consistent_text_to_image_mAP": 0.75})
+    assert kind == "zeroshot_retrieval"
+    assert metrics == {"text_retrieval_recall@1": 0.5, "image_retrieval_recall@5": 0.25,
+                       "consistent_text_to_image_mAP": 0.75}
+    with pytest.raises(ValueError, match="no CLIP_benchmark name"):
+        clip_benchmark_metrics({"image_to_text_R@1": 0.5, "mystery": 1.0})

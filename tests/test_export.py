@@ -68,10 +68,15 @@ def test_training_writes_an_open_clip_folder_that_loads_bit_identically(run_dir,
     images = sorted((shapes_world / "eval" / "retrieval" / "images").glob("*.jpg"))[:4]
     plain = _plain_open_clip(folder, images, tmp_path)
     loaded = load_open_clip_checkpoint(run_dir / "checkpoints" / "latest.pt")
-    with torch.no_grad():
-        x = torch.stack([loaded.preprocess(Image.open(p).convert("RGB")) for p in images])
-        ours_image = loaded.model.encode_image(x).numpy()
-        ours_text = loaded.model.encode_text(loaded.tokenizer(CAPTIONS)).numpy()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the plain process (OMP_NUM_THREADS=1): reductions split by thread count
+    try:
+        with torch.no_grad():
+            x = torch.stack([loaded.preprocess(Image.open(p).convert("RGB")) for p in images])
+            ours_image = loaded.model.encode_image(x).numpy()
+            ours_text = loaded.model.encode_text(loaded.tokenizer(CAPTIONS)).numpy()
+    finally:
+        torch.set_num_threads(threads)
     assert np.array_equal(plain["image"], ours_image) and np.array_equal(plain["text"], ours_text)
 
 

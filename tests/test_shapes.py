@@ -6,12 +6,15 @@ import polars as pl
 import pytest
 
 from softclip.pipeline.shapes import (
-    _COLOUR_WORDS,  # the vocabulary the captions are made from
     COLOURS,
     SHAPES,
     SIZES,
     ShapesConfig,
     generate,
+)
+from softclip.pipeline.shapes_captions import (
+    _COLOUR_WORDS,  # the vocabulary the captions are made from
+    _SHAPE_WORDS,
 )
 
 TINY = dict(num_train=60, num_retrieval=6, num_classification_per_class=1, samples_per_shard=25)
@@ -104,6 +107,38 @@ def test_caption_noise_rate_matches_knob(tmp_path, noise):
     assert abs(summary["attribute_noise_rate"] - 0.1) <= 0.01
     for m in [m for m in metas if m["noise"] == "attribute"]:
         assert not _colours_in(m["caption"]) <= {o["colour"] for o in m["objects"]} or len(m["objects"]) > 1
+
+
+def _shapes_in(caption):
+    text = " " + caption.lower().replace(",", " ").replace(".", " ").replace("!", " ") + " "
+    return {s for s, synonyms in _SHAPE_WORDS.items() for w in synonyms if f" {w} " in text}
+
+
+def test_every_noise_model_at_its_exact_rate_on_disjoint_samples(tmp_path):
+    rates = dict(caption_noise=0.1, attribute_noise=0.1, partial_noise=0.15, hallucination_noise=0.2)
+    summary = generate(tmp_path, ShapesConfig(num_train=400, num_retrieval=0, num_classification_per_class=0,
+                                              **rates), progress=False)
+    metas = _train_meta(tmp_path)
+    for kind in ("caption", "attribute", "partial", "hallucination"):
+        assert sum(m["noise"] == kind for m in metas) == round(rates[f"{kind}_noise"] * 400), kind
+        assert summary[f"{kind}_noise_rate"] == rates[f"{kind}_noise"]
+    for m in metas:
+        present = {(o["colour"], o["shape"]) for o in m["objects"]}
+        if m["noise"] == "partial":  # one object, by its shape only: true but underspecified
+            assert not _colours_in(m["caption"]) and len(_shapes_in(m["caption"])) == 1
+            assert _shapes_in(m["caption"]) <= {o["shape"] for o in m["objects"]}
+        if m["noise"] == "hallucination":  # one more colour+shape phrase than objects, naming one absent
+            phrases = m["caption"].count(",") + m["caption"].count(" and ") + 1  # "a, b and c"
+            assert phrases == len(m["objects"]) + 1, m["caption"]
+            named = {(c, s) for c in _colours_in(m["caption"]) for s in _shapes_in(m["caption"])}
+            assert named - present
+
+
+def test_noise_rates_must_fit_in_one():
+    with pytest.raises(ValueError, match="partial_noise must be in"):
+        ShapesConfig(partial_noise=1.5)
+    with pytest.raises(ValueError, match="must be at most 1 .* got 1.1"):
+        ShapesConfig(caption_noise=0.6, hallucination_noise=0.5)
 
 
 def test_classification_sets(shapes_world):

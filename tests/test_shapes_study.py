@@ -1,9 +1,10 @@
-"""The study script's bookkeeping: per-seed aggregation and the soft-target entropy read from metrics files."""
+"""The study script's bookkeeping: paired differences against the matched control, subsets, monitors."""
 
 import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -17,30 +18,102 @@ def study():
     return module
 
 
-def _result(shape, colour_shape, i2t, t2i):
-    return {"shapes-shape": {"top1": shape}, "shapes-colour_shape": {"top1": colour_shape},
-            "shapes-retrieval": {"image_to_text_R@1": i2t, "text_to_image_R@1": t2i}}
+def _result(study, value):
+    """Every metric of the study at ``value`` (a fraction)."""
+    out = {}
+    for task, key in study.METRICS.values():
+        out.setdefault(task, {})[key] = value
+    return out
 
 
-def test_summarise_gives_percent_mean_std_and_every_seed(study):
-    results = {"clip@seed0": _result(0.20, 0.10, 0.30, 0.05), "clip@seed1": _result(0.30, 0.20, 0.10, 0.15)}
-    row = study.summarise(results, ["clip"], [0, 1])["clip"]
-    assert row["zero-shot shape top-1"]["mean"] == pytest.approx(25.0)
-    assert row["zero-shot shape top-1"]["std"] == pytest.approx(7.0711, abs=1e-4)  # sample std of 20, 30
-    assert row["image->text R@1"]["per_seed"] == pytest.approx([30.0, 10.0])
-    assert row["text->image R@1"]["n"] == 2
-    assert "| clip | 25.0 ± 7.1 |" in study.markdown("t", {"clip": row}, "note")
+def test_paired_differences_per_seed_against_the_matched_control(study):
+    results = {("control", 0.4, 0): _result(study, 0.20), ("control", 0.4, 1): _result(study, 0.30),
+               ("softclip", 0.4, 0): _result(study, 0.25), ("softclip", 0.4, 1): _result(study, 0.31),
+               ("softclip", 0.4, 2): _result(study, 0.90),  # no control on seed 2: not paired
+               ("oracle_control", 0.4, 0): _result(study, 0.10), ("oracle", 0.4, 0): _result(study, 0.40)}
+    absolute, paired = study.tables(results, 0.4, ["control", "softclip", "oracle_control", "oracle"], [0, 1, 2])
+    metric = next(iter(study.METRICS))
+    assert absolute["softclip"][metric]["per_seed"] == pytest.approx([25.0, 31.0, 90.0])
+    assert paired["softclip"][metric]["per_seed"] == pytest.approx([5.0, 1.0])
+    assert paired["softclip"][metric]["mean"] == pytest.approx(3.0)
+    assert paired["softclip"][metric]["std"] == pytest.approx(2.8284, abs=1e-4)  # sample std of 5, 1
+    assert paired["oracle"]["baseline"] == "oracle_control"
+    assert paired["oracle"][metric]["per_seed"] == pytest.approx([30.0])
+    assert "control" not in paired  # the baseline itself
+    assert paired["oracle_control"][metric]["per_seed"] == pytest.approx([-10.0])  # annotation vs detector ROIs
+    table = study.markdown_table("t", {"softclip": paired["softclip"]}, paired=True)
+    assert "| softclip | control | +3.0 ± 2.8 (+5.0, +1.0) |" in table
 
 
-def test_target_entropy_reads_steps_1_10_and_last(study, tmp_path):
-    dirs = {}
-    for seed, last in [(0, 1.6), (1, 1.8)]:
-        run = tmp_path / f"run{seed}"
-        run.mkdir()
-        rows = [{"step": 1, "neg_entropy_i2t": 1.0}, {"step": 10, "neg_entropy_i2t": 1.6, "neg_entropy_t2i": 2.0},
-                {"step": 20, "neg_entropy_i2t": 1.7, "loss": 2.0}, {"step": 23, "neg_entropy_t2i": last}]
-        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        dirs[f"softclip@seed{seed}"] = run
-    table = study.target_entropy(dirs, ["softclip"], [0, 1])
-    assert table["softclip"] == pytest.approx({"step1": 1.0, "step10": 1.8, "last": 1.7})
-    assert "| softclip @ noise 0.4 | 1.000 | 1.800 | 1.700 |" in study.entropy_markdown({"noise 0.4": table})
+def test_subsets_add_each_methods_baseline(study):
+    args = study.parse_args(["--methods", "oracle,softclip", "--seeds", "0,2", "--noise", "0.4",
+                             "--ablations", "aggregator=mean"])
+    runs = {(name, noise, seed) for name, _, _, noise, seed in study.planned_runs(args)}
+    expected = {(m, 0.4, s) for m in ("oracle", "oracle_control", "softclip", "control", "softclip aggregator=mean")
+                for s in (0, 2)}
+    assert runs == expected
+    with pytest.raises(SystemExit):
+        study.parse_args(["--methods", "clipp"])
+
+
+def test_final_monitors_keep_the_last_logged_value(study, tmp_path):
+    rows = [{"step": 10, "loss": 3.0, "neg_entropy_i2t": 1.0, "lr": 0.1},
+            {"step": 20, "loss": 2.5, "lift": 1.8}, {"step": 23, "epoch": 1}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert study.final_monitors(tmp_path) == {"loss": 2.5, "neg_entropy_i2t": 1.0, "lift": 1.8}
+
+
+def test_annotation_methods_use_the_annotations_workflow(study):
+    args = study.parse_args(["--noise", "0.4", "--seeds", "0"])
+    oracle = study.run_workflow("oracle", "annotations", ["seed=0"], 0.4, 0, args)
+    control = study.run_workflow("control", "detector", ["seed=0"], 0.4, 0, args)
+    assert oracle.detector.annotations and not control.detector.annotations
+    assert oracle.dataset == control.dataset  # one shared world
+    assert oracle.dataset.shapes.caption_noise == 0.4 and oracle.dataset.shapes.num_retrieval == 2000
+
+
+def test_tagset_lift_of_ground_truth_tags_is_informative(study, tmp_path):
+    from softclip.workflows.cache import ArtifactCache
+
+    args = study.parse_args(["--noise", "0.4", "--num-train", "96", "--num-eval", "4"])
+    config = study.run_workflow("calibration", "annotations", [], 0.4, 0, args)
+    cache = ArtifactCache(tmp_path / "cache")
+    sharp = study.tagset_lift(config, cache, 0.05, batches=4)
+    flat = study.tagset_lift(config, cache, 50.0, batches=4)
+    assert 0 < sharp["H(~Y)"] < flat["H(~Y)"] <= np.log(63) + 1e-9
+    assert sharp["lift"] > 3.0  # ground-truth tags point at the images that share an object
+    assert flat["lift"] == pytest.approx(1.0, abs=0.05)  # a flat target is uninformative
+
+
+def test_every_method_and_ablation_is_a_valid_training_config(study):
+    from softclip.pipeline.config import apply_overrides, load_config
+    from softclip.train.config import TrainConfig
+
+    base = load_config(TrainConfig, ROOT / study.TRAIN_CONFIG)
+    configs = {name: apply_overrides(base, overrides) for name, (_, overrides) in study.METHODS.items()}
+    configs |= {name: apply_overrides(base, overrides) for name, overrides in study.ABLATIONS.items()}
+    assert configs["clip"].loss.lam == configs["clip"].loss.roi_weight == 0
+    assert configs["control"].loss.lam == configs["control"].loss.mu == 0 < configs["control"].loss.roi_weight
+    assert configs["oracle"].loss.image_target == configs["oracle"].loss.text_target == "tagset"
+    assert configs["softclip"] == base
+
+
+def test_cached_only_runs_nothing_and_lists_what_is_missing(study, tmp_path):
+    payload = study.main(["--cached-only", "--methods", "softclip", "--seeds", "0", "--noise", "0.4",
+                          "--ablations", "none", "--num-train", "8", "--num-eval", "2",
+                          "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out")])
+    assert payload["not_run"] == ["control @ 0.4 seed 0", "softclip @ 0.4 seed 0"]
+    assert payload["tagset_calibration"] == {} and payload["paired"] == {"noise 0.4": {}}
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("artifact.json"))
+    assert "Not run yet (2, left out of every table)" in (tmp_path / "out" / "study.md").read_text()
+
+
+def test_eval_set_stats_give_the_chance_of_a_random_ranking(study, tmp_path):
+    from softclip.workflows.cache import ArtifactCache
+
+    args = study.parse_args(["--noise", "0.4", "--num-train", "4", "--num-eval", "30"])
+    stats = study.eval_set_stats(study.run_workflow("x", "detector", [], 0.4, 0, args), ArtifactCache(tmp_path))
+    assert stats["images"] == 30 and stats["captions"] == 150 and 0 < stats["fit_several"] < 1
+    # a random ranking puts a fitting image first with probability (images it fits) / images
+    assert stats["chance_text_to_image_R@1"] == pytest.approx(100 * stats["mean_fit"] / 30)
+    assert stats["chance_image_to_text_R@1"] == pytest.approx(stats["chance_text_to_image_R@1"])  # same pairs

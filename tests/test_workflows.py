@@ -361,3 +361,30 @@ def test_torchrun_args_run_training_under_torchrun(tmp_path, monkeypatch):
     runner._run_training(cfg, artifact)
     assert len(commands) == 1 and commands[0][1:4] == ["-m", "torch.distributed.run", "--nproc-per-node=1"]
     assert "--nnodes=2" in commands[0] and "--rdzv-endpoint=host:29400" in commands[0]
+
+
+def test_annotations_stand_in_for_the_detector(tmp_path):
+    import polars as pl
+
+    spec = yaml.safe_load(_workflow(tmp_path).read_text())
+    spec["detector"] = {"annotations": True}
+    spec["train"] = spec["train"][1:]  # softclip only
+    path = tmp_path / "workflow.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    result, lines = _run(path, tmp_path / "cache")
+    assert [(r.stage, r.cached) for r in result.records] == [
+        ("dataset", False), ("detector", True), ("extract", False), ("train", False), ("eval", False)]
+    extract = result.records[2]
+    assert extract.outputs["feature_dim"] == 72 and extract.outputs["num_shards"] == 2
+    table = pl.read_parquet(sorted(Path(extract.outputs["packed"]).glob("*.parquet"))[0])
+    assert set(table["detector"]) == {"annotations"} and table.height == 24
+    assert (result.report / "results.json").is_file()
+    again, _ = _run(path, tmp_path / "cache")
+    assert all(r.cached for r in again.records)
+
+
+def test_annotations_take_no_detector_files(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\ndataset: {shapes: {}}\ndetector: {annotations: true, weights: w.pth}\n")
+    with pytest.raises(ConfigError, match="annotations replaces the detector"):
+        load_config(WorkflowConfig, bad)

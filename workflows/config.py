@@ -45,18 +45,27 @@ class DatasetStep:
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class DetectorStep:
     """Given weights (``weights`` + ``labelmap``, and the detector ``config`` YAML for variants whose input
-    size and test settings the weights do not carry), or a detector trained on the dataset (``train``: a
-    detector config YAML, with ``overrides``)."""
+    size and test settings the weights do not carry), a detector trained on the dataset (``train``: a
+    detector config YAML, with ``overrides``), or ``annotations: true``: the shapes world's own box
+    annotations stand in for a detector (the oracle of :mod:`pipeline.annotation_features`; the extract
+    step's config is then unused)."""
 
     weights: str = ""
     labelmap: str = ""
     config: str = ""
     train: str = ""
     overrides: tuple[str, ...] = ()
+    annotations: bool = False
 
     def __post_init__(self):
+        if self.annotations:
+            if self.weights or self.labelmap or self.config or self.train or self.overrides:
+                raise ValueError("detector: annotations replaces the detector; give no weights, labelmap, config, "
+                                 "train or overrides with it")
+            return
         if bool(self.train) == bool(self.weights or self.labelmap):
-            raise ValueError("detector: give either weights and labelmap, or train (a detector config)")
+            raise ValueError("detector: give either weights and labelmap, or train (a detector config), "
+                             "or annotations: true")
         if not self.train and not (self.weights and self.labelmap):
             raise ValueError("detector: weights and labelmap go together")
         if self.train and self.config:

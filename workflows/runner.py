@@ -168,6 +168,11 @@ class WorkflowRunner:
 
     def _detector(self, dataset: StageRecord) -> StageRecord:
         step = self.workflow.detector
+        if step.annotations:
+            from softclip.pipeline.annotation_features import ANNOTATION_DETECTOR
+
+            return StageRecord("detector", ANNOTATION_DETECTOR, artifact_key("detector", {"annotations": True}, {}),
+                               None, True, outputs={"annotations": True})
         if not step.train:
             weights = _user_file(step.weights, "detector weights")
             labelmap = _user_file(step.labelmap, "detector label map")
@@ -193,6 +198,8 @@ class WorkflowRunner:
     def _extract(self, dataset: StageRecord, detector: StageRecord) -> StageRecord:
         from softclip.extract.job_config import ExtractConfig
 
+        if detector.outputs.get("annotations"):
+            return self._annotation_features(dataset, detector)
         step = self.workflow.extract
         managed = {"dataset": dataset.outputs["train"], "weights": detector.outputs["weights"],
                    "labelmap": detector.outputs["labelmap"], "out": "", "pack": True}
@@ -211,6 +218,19 @@ class WorkflowRunner:
         return self._produce(artifact, "features", settings, inputs, lambda: _extract_every_shard(cfg),
                              outputs={"features": str(artifact.path), "packed": str(artifact.path / PACKED_DIR)},
                              describe=_feature_dim)
+
+    def _annotation_features(self, dataset: StageRecord, detector: StageRecord) -> StageRecord:
+        """Packed and Parquet shards from the dataset's box annotations (no detector, no Ray)."""
+        from softclip.pipeline.annotation_features import write_annotation_shards
+
+        settings, inputs = {"annotations": True}, {"dataset": dataset.key, "detector": detector.key}
+        artifact = self.cache.artifact("extract", artifact_key("extract", settings, inputs))
+        make = lambda: write_annotation_shards(dataset.outputs["train"], artifact.path / PACKED_DIR,  # noqa: E731
+                                               parquet=True, progress=False)
+        return self._produce(artifact, "annotation features", settings, inputs, make,
+                             outputs={"features": str(artifact.path / PACKED_DIR),
+                                      "packed": str(artifact.path / PACKED_DIR)},
+                             describe=lambda path: _feature_dim(path / PACKED_DIR))
 
     def _train(self, extract: StageRecord, step: TrainStep) -> StageRecord:
         from softclip.train.config import TrainConfig
