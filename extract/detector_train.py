@@ -11,7 +11,6 @@ in VinVL's layout), ``labelmap.json`` (VinVL format) and ``detector.yaml``, so
 from __future__ import annotations
 
 import json
-import math
 import tarfile
 import time
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from softclip.extract.postprocess import rpn_proposals
 from softclip.extract.vinvl import BOX_REG_WEIGHTS, VinVLDetector
 from softclip.pipeline.config import save_config
 from softclip.pipeline.images import ImageDecodeError, decode_image
+from softclip.pipeline.schedule import cosine_lr
 
 __all__ = ["AnnotatedImage", "load_annotated_tars", "shapes_vocabulary", "train_detector", "training_losses"]
 
@@ -170,15 +170,6 @@ def training_losses(model: VinVLDetector, images: Tensor, sizes: list[tuple[int,
             "loss_attribute": t.attribute_loss_weight * attribute_loss(attr_logits, attributes[pos])}
 
 
-def _lr_at(step: int, cfg: DetectorConfig) -> float:
-    """Linear warmup then cosine decay to 0 (``lr`` at the end of warmup)."""
-    t = cfg.train
-    if step < t.warmup_steps:
-        return t.lr * (step + 1) / t.warmup_steps
-    progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
-    return 0.5 * t.lr * (1 + math.cos(math.pi * progress))
-
-
 def train_detector(cfg: DetectorConfig, data_dir: str | Path, out_dir: str | Path, *,
                    progress: bool = True) -> dict:
     """Train on ``data_dir/train/*.tar`` and write ``model.pth``, ``labelmap.json``, ``detector.yaml``.
@@ -213,7 +204,7 @@ def _train(cfg: DetectorConfig, data_dir: str | Path, out_dir: str | Path, progr
     bar = tqdm(range(t.steps), desc="detector", unit="step", disable=not progress)
     for step in bar:
         for group in optimizer.param_groups:
-            group["lr"] = _lr_at(step, cfg)
+            group["lr"] = cosine_lr(step, base_lr=t.lr, warmup_steps=t.warmup_steps, total_steps=t.steps)
         chosen = [samples[i] for i in rng.integers(0, len(samples), t.batch_size)]
         flips = rng.random(t.batch_size) < 0.5 if t.hflip else np.zeros(t.batch_size, bool)
         losses = training_losses(model, *_batch(model, chosen, flips))

@@ -13,9 +13,10 @@ from typer.testing import CliRunner
 from softclip.eval.checkpoint import load_open_clip_checkpoint
 from softclip.pipeline.annotation_features import write_annotation_shards
 from softclip.pipeline.config import apply_overrides, from_dict, load_config, save_config, to_dict
+from softclip.pipeline.schedule import cosine_lr
 from softclip.train.cli import register
 from softclip.train.config import LossConfig, TrainConfig
-from softclip.train.loop import cosine_lr, param_groups, train
+from softclip.train.loop import param_groups, train
 from softclip.train.metrics import MetricLogger
 
 CONFIGS = sorted((Path(__file__).parents[1] / "train" / "configs").glob("*.yaml"))

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from softclip.pipeline.config import from_dict, save_config, to_dict
+from softclip.pipeline.schedule import cosine_lr
 from softclip.train.checkpoint import (
     capture_rng,
     load_checkpoint,
@@ -36,7 +37,7 @@ from softclip.train.losses import SoftCLIPLoss, mean_roi_features, tagset_vector
 from softclip.train.metrics import MetricLogger
 from softclip.train.model import SoftCLIPModel, build_model
 
-__all__ = ["NO_DECAY_TOKENS", "TrainSummary", "cosine_lr", "param_groups", "soft_ramp", "train", "train_step"]
+__all__ = ["NO_DECAY_TOKENS", "TrainSummary", "param_groups", "soft_ramp", "train", "train_step"]
 
 MAX_LOGIT_SCALE = math.log(100)  # CLIP clamps the temperature at 1/100
 # Learned tokens of the ROI branch: embeddings, not weights, so never decayed (as norms and biases).
@@ -59,15 +60,6 @@ class TrainSummary:
         """The one-line summary printed at the end."""
         return (f"trained to step {self.steps} ({self.samples} samples) in {self.wall_s:.1f} s: loss "
                 f"{self.first_loss:.4f} -> {self.last_loss:.4f}; checkpoint {self.checkpoint}")
-
-
-def cosine_lr(step: int, *, base_lr: float, warmup_steps: int, total_steps: int) -> float:
-    """Learning rate of optimizer step ``step`` (0-based): linear warm-up to ``base_lr`` over
-    ``warmup_steps``, then cosine decay to 0 at ``total_steps``."""
-    if step < warmup_steps:
-        return base_lr * (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
-    return 0.5 * base_lr * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
