@@ -123,10 +123,15 @@ class HashingWriter:
         self._file = open(path, "wb")  # noqa: SIM115 - closed in close()
         self._digest = hashlib.sha256()
         self.size = 0
+        self.error: OSError | None = None  # the first failed write (torch.save hides it in a RuntimeError)
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         view = memoryview(data).cast("B")
-        written = self._file.write(view)
+        try:
+            written = self._file.write(view)
+        except OSError as err:
+            self.error = self.error or err
+            raise
         self._digest.update(view[:written])
         self.size += written
         return written
@@ -145,6 +150,9 @@ class HashingWriter:
 
     def flush(self) -> None:
         self._file.flush()
+
+    def fileno(self) -> int:
+        return self._file.fileno()
 
     @property
     def closed(self) -> bool:

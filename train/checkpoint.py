@@ -22,7 +22,6 @@ A checkpoint holds:
 from __future__ import annotations
 
 import errno
-import hashlib
 import logging
 import os
 import random
@@ -32,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from softclip.pipeline.io import atomic_path, atomic_write_text, disk_full_names, file_sha256
+from softclip.pipeline.io import HashingWriter, atomic_path, atomic_write_text, disk_full_names, file_sha256
 
 __all__ = ["CorruptCheckpointError", "capture_rng", "checkpoint_path", "load_checkpoint", "resolve_resume",
            "restore_rng", "save_checkpoint", "verify_checkpoint"]
@@ -77,48 +76,22 @@ def restore_rng(state: dict) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
-class _HashingWriter:
-    """A file object for ``torch.save`` that hashes what it writes and keeps the first write error (torch
-    turns it into a RuntimeError such as "enforce fail at inline_container.cc ... unexpected pos")."""
-
-    def __init__(self, file):
-        self.file = file
-        self.digest = hashlib.sha256()
-        self.error: OSError | None = None
-
-    def write(self, data) -> int:
-        try:
-            written = self.file.write(data)
-        except OSError as err:
-            self.error = self.error or err
-            raise
-        self.digest.update(data)
-        return written
-
-    def flush(self) -> None:
-        self.file.flush()
-
-
 def _sidecar(path: Path) -> Path:
     return path.with_name(f"{path.name}.sha256")
 
 
 def _write_step_file(path: Path, checkpoint: dict) -> str:
     """Write ``path`` atomically and fsynced; returns its SHA-256. A full disk raises DiskFullError."""
-    writer = None
-    with disk_full_names(path):
-        with atomic_path(path) as tmp:
-            with open(tmp, "wb") as f:
-                writer = _HashingWriter(f)
-                try:
-                    torch.save(checkpoint, writer)
-                except RuntimeError as err:
-                    if writer.error is None:
-                        raise
-                    raise writer.error from err  # the OSError torch hid (ENOSPC: named by disk_full_names)
-                f.flush()
-                os.fsync(f.fileno())  # on disk before the rename makes it visible
-    return writer.digest.hexdigest()
+    with disk_full_names(path), atomic_path(path) as tmp, HashingWriter(tmp) as f:
+        try:
+            torch.save(checkpoint, f)
+        except RuntimeError as err:
+            if f.error is None:
+                raise
+            raise f.error from err  # the OSError torch hid (ENOSPC: named by disk_full_names)
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the rename makes it visible
+        return f.hexdigest()
 
 
 def save_checkpoint(run_dir: str | Path, step: int, checkpoint: dict, *, keep: int = 0) -> Path:
