@@ -6,8 +6,9 @@ the raylet's agents (DashboardAgent, RuntimeEnvAgent) can outlive a driver kille
 handler can catch. :func:`start_local_ray` therefore also starts a small watchdog process that holds the
 read end of a pipe whose write end only the driver holds: when the driver exits in any way, the kernel
 closes the pipe, and the watchdog stops every process whose command line names the cluster's session
-(``/tmp/ray/session_...``) or whose environment names the session's raylet (``RAY_RAYLET_PID``: agents and
-workers, which rename themselves ``ray::...``), then exits. :func:`stop_local_ray` shuts Ray down and releases the watchdog.
+(``/tmp/ray/session_...``) or that holds a file open in the session's directory (agents and workers rename
+themselves ``ray::...``, and since Ray 2.5x their environment no longer names the raylet; all of them keep
+their log files there open), then exits. :func:`stop_local_ray` shuts Ray down and releases the watchdog.
 
 The watchdog reads ``/proc`` (Linux); elsewhere it is not started and a killed driver can leave Ray's
 processes behind (``ray stop`` ends them).
@@ -27,7 +28,7 @@ _watchdog: dict[str, object] = {}  # "fd": the pipe's write end, "process": the 
 # Runs in its own interpreter (no softclip import: it must work whatever the driver's sys.path was).
 _WATCHDOG = r"""
 import os, signal, sys, time
-session, me = sys.argv[1].encode(), os.getpid()
+session, me, driver = sys.argv[1].encode(), os.getpid(), os.getppid()  # the driver may hold session files too
 
 def read(pid, name):
     try:
@@ -37,17 +38,27 @@ def read(pid, name):
         return b""
 
 def pids():
-    return [int(pid) for pid in os.listdir("/proc") if pid.isdigit() and int(pid) != me]
+    return [int(pid) for pid in os.listdir("/proc") if pid.isdigit() and int(pid) not in (me, driver)]
 
-# The raylet's agents and workers rename themselves (ray::DashboardAgent, ray::IDLE): they are found by
-# the RAY_RAYLET_PID their raylet gives them, so note the session's raylets now, while they run.
-raylets = [b"RAY_RAYLET_PID=%d" % pid for pid in pids() if session in read(pid, "cmdline")
-           and b"raylet" in read(pid, "cmdline").split(b"\0")[0]]
+# The raylet's agents and workers rename themselves (ray::DashboardAgent, ray::IDLE), but each keeps its
+# log files in the session's directory open.
+def holds_session_file(pid):
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if session in os.readlink(f"/proc/{pid}/fd/{fd}").encode():
+                return True
+        except OSError:
+            pass
+    return False
+
 sys.stdin.buffer.read()  # returns at EOF: the driver exited (or released us after ray.shutdown)
 
 def members():
-    return [pid for pid in pids() if session in read(pid, "cmdline")
-            or set(read(pid, "environ").split(b"\0")) & set(raylets)]
+    return [pid for pid in pids() if session in read(pid, "cmdline") or holds_session_file(pid)]
 
 for sig in (signal.SIGTERM, signal.SIGKILL):
     for pid in members():
