@@ -2,13 +2,16 @@
 
 Every run is one (method, noise level, seed); runs of one seed share the data order and initialisation, so
 each method is reported as *paired differences* against its baseline (the matched control: CLIP plus the
-ROI-to-caption InfoNCE, no soft terms; the oracle's baseline is that control on the same annotation
-features): mean, standard deviation and every seed's value. Retrieval is scored many-to-many (a hit when
+ROI-to-caption InfoNCE, no soft terms, on the same features): mean, standard deviation and every seed's value. Retrieval is scored many-to-many (a hit when
 any image the caption fits is ranked first, :mod:`eval.consistent`) beside strict single-positive R@1.
 
 Methods (part 1, at every ``--noise``): ``clip``, ``control``, ``softclip`` (the shipped config),
-``label_smoothing``, and ``oracle`` (soft targets from the ground-truth objects: the shapes annotations
-replace the detector, targets from their tag sets, plus the ROI loss) with its ``oracle_control``.
+``label_smoothing``, and ``oracle``, the positive control: the detector's shards with their tags replaced by
+the ground-truth objects (:func:`pipeline.annotation_features.write_annotation_tag_shards`), both targets from
+those tag sets, plus the ROI loss; its ROI features, images and captions are the control's, so its baseline
+is ``control``. ``oracle_pixels`` is the first, failed attempt at a positive control (the annotations replace
+the detector: ground-truth boxes with a 72-number pixel descriptor as their ROI features, tagset targets),
+paired with ``oracle_pixels_control`` on the same features.
 Ablations (part 2, at ``--ablation-noise``): SoftCLIP with one switch changed.
 
 Each run is its own workflow (dataset, detector and features are shared artifacts; training and
@@ -47,15 +50,16 @@ TRAIN_CONFIG = "train/configs/shapes-softclip.yaml"  # every run: this file plus
 DETECTOR = "extract/weights/shapes"
 ROI = ["loss.roi_weight=1.0"]  # the ROI-to-caption InfoNCE that trains the ROI branch
 CLIP = ["loss.lam=0", "loss.mu=0"]
-METHODS = {  # name -> (features, training overrides); features: "detector" or "annotations"
+METHODS = {  # name -> (features, training overrides); features: "detector", "annotation_tags" or "annotations"
     "clip": ("detector", [*CLIP, "loss.roi_weight=0"]),
     "control": ("detector", [*CLIP, *ROI]),
     "softclip": ("detector", []),
     "label_smoothing": ("detector", ["loss.image_target=uniform", "loss.text_target=uniform"]),
-    "oracle": ("annotations", ["loss.image_target=tagset", "loss.text_target=tagset", *ROI]),
-    "oracle_control": ("annotations", [*CLIP, *ROI]),
+    "oracle": ("annotation_tags", ["loss.image_target=tagset", "loss.text_target=tagset", *ROI]),
+    "oracle_pixels": ("annotations", ["loss.image_target=tagset", "loss.text_target=tagset", *ROI]),
+    "oracle_pixels_control": ("annotations", [*CLIP, *ROI]),
 }
-BASELINE = {"oracle": "oracle_control"}  # every other method is paired with "control"
+BASELINE = {"oracle_pixels": "oracle_pixels_control"}  # every other method is paired with "control"
 ABLATIONS = {  # SoftCLIP with one switch changed
     **{f"aggregator={a}": ["model.aggregator=" + a] for a in ("mhsa", "pool", "mean", "max", "min")},
     "image_target=roi_mean": ["loss.image_target=roi_mean", "loss.tau_image=0.01"],  # its calibrated tau
@@ -79,8 +83,9 @@ METRICS = {  # column -> (task, key); the first two decide the study's goal
 
 
 def run_workflow(name: str, features: str, overrides: list[str], noise: float, seed: int, args) -> WorkflowConfig:
-    """The workflow of one run: the study's shapes world, the shipped detector or the annotations, one
-    training run, evaluation on the world's clean sets."""
+    """The workflow of one run: the study's shapes world, the shipped detector (``features``: "detector", or
+    "annotation_tags" with the ground-truth tags) or the annotations, one training run, evaluation on the
+    world's clean sets."""
     shapes = ShapesConfig(num_train=args.num_train, num_retrieval=args.num_eval,
                           **{f"{args.noise_kind}_noise": noise}, seed=0)
     detector = (DetectorStep(annotations=True) if features == "annotations" else
@@ -90,7 +95,8 @@ def run_workflow(name: str, features: str, overrides: list[str], noise: float, s
     return WorkflowConfig(
         name=f"shapes-study-{name}-{args.noise_kind}{noise}-seed{seed}",
         dataset=DatasetStep(shapes=shapes), detector=detector,
-        extract=ExtractStep(config="extract/configs/extract-shapes.yaml", overrides=("progress=false",)),
+        extract=ExtractStep(config="extract/configs/extract-shapes.yaml", overrides=("progress=false",),
+                            tags="annotations" if features == "annotation_tags" else "detector"),
         train=(TrainStep(name=name, config=TRAIN_CONFIG, overrides=tuple(schedule + overrides + [f"seed={seed}"])),),
         eval=EvalStep(tasks=("shapes",), overrides=("num_workers=0",)),
     )

@@ -4,6 +4,10 @@ Before the real detector exists (and as an upper bound for the study), every ann
 shapes-world training image becomes one box, and its ROI feature is a fixed, deterministic function of
 the pixels inside the box (:func:`annotation_roi_features`). Tags are ``"colour shape"`` per object, class
 names the shapes, attributes the colours, scores 1.0, detector id ``"annotations"``.
+
+:func:`write_annotation_tag_shards` keeps a detector's packed shards and replaces only their tags with the
+annotated objects: the study's positive control, whose soft targets come from the truth while every
+other input (ROI features, boxes, images, captions) is the detector run's, byte for byte.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from softclip.pipeline.shards import (
 from softclip.pipeline.sources import Sample, open_source
 
 __all__ = ["ANNOTATION_DETECTOR", "ANNOTATION_FEATURE_DIM", "annotation_record", "annotation_roi_features",
-           "write_annotation_shards"]
+           "annotation_tags", "write_annotation_shards", "write_annotation_tag_shards"]
 
 ANNOTATION_DETECTOR = "annotations"
 _THUMB = 4  # the crop is resized to _THUMB x _THUMB RGB
@@ -80,9 +84,15 @@ def annotation_record(sample: Sample) -> FeatureRecord:
         labels=np.array([SHAPES.index(s) for s in shapes], dtype=np.int32),
         scores=np.ones(len(objects), dtype=np.float32), class_names=shapes,
         attr_labels=[[COLOURS.index(c)] for c in colours], attr_names=[[c] for c in colours],
-        attr_scores=[[1.0] for _ in colours], tags=", ".join(f"{c} {s}" for c, s in zip(colours, shapes)),
+        attr_scores=[[1.0] for _ in colours], tags=annotation_tags(objects),
         detector=ANNOTATION_DETECTOR,
     )
+
+
+def annotation_tags(objects: list[dict]) -> str:
+    """The tag text of annotated objects, in the detector's format (:func:`extract.vinvl.format_tags`:
+    ``"attr class"`` per box, boxes joined by ``", "``): ``"red circle, blue star"``."""
+    return ", ".join(f"{o['colour']} {o['shape']}" for o in objects)
 
 
 def write_annotation_shards(source: str | Path, out_dir: str | Path, *, parquet: bool = False,
@@ -108,4 +118,38 @@ def write_annotation_shards(source: str | Path, out_dir: str | Path, *, parquet:
         table = records_to_table(records, ANNOTATION_FEATURE_DIM).append_column(
             "image", pa.array([s.image or b"" for s in samples], pa.binary()))
         written.append(write_packed_shard(tar_path, packed_samples(table)))
+    return written
+
+
+def write_annotation_tag_shards(packed_dir: str | Path, source: str | Path, out_dir: str | Path, *,
+                                progress: bool = True) -> list[Path]:
+    """Copy the packed shards ``packed_dir/*.tar`` to ``out_dir``, each sample's ``tags`` replaced by its
+    annotated objects (:func:`annotation_tags`) from the shapes-world folder ``source`` it was extracted from;
+    every other member is copied unchanged. Shards already present are kept (writes are atomic).
+
+    Raises:
+        KeyError: a packed sample whose key ``source`` does not have (naming the shard and the key).
+    """
+    import json
+
+    from webdataset.tariterators import tarfile_samples
+
+    src = open_source(source)
+    objects = {s.key: s.meta.get("objects") or [] for shard in src.shards for s in src.iter_shard(shard)}
+    out_dir = Path(out_dir)
+    written = []
+    for tar_path in tqdm(sorted(Path(packed_dir).glob("*.tar")), desc="annotation tags", disable=not progress):
+        target = out_dir / tar_path.name
+        if not target.is_file():
+            samples = []
+            for sample in tarfile_samples([{"url": str(tar_path)}]):
+                meta = json.loads(sample["json"])
+                if meta["key"] not in objects:
+                    raise KeyError(f"{tar_path}: sample {meta['key']} is not in {source}; extract and annotations "
+                                   "must come from the same dataset")
+                meta["tags"] = annotation_tags(objects[meta["key"]])
+                samples.append({**{k: v for k, v in sample.items() if k not in ("__url__", "__local_path__")},
+                                "json": json.dumps(meta).encode()})
+            write_packed_shard(target, samples)
+        written.append(target)
     return written

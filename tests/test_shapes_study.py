@@ -30,27 +30,31 @@ def test_paired_differences_per_seed_against_the_matched_control(study):
     results = {("control", 0.4, 0): _result(study, 0.20), ("control", 0.4, 1): _result(study, 0.30),
                ("softclip", 0.4, 0): _result(study, 0.25), ("softclip", 0.4, 1): _result(study, 0.31),
                ("softclip", 0.4, 2): _result(study, 0.90),  # no control on seed 2: not paired
-               ("oracle_control", 0.4, 0): _result(study, 0.10), ("oracle", 0.4, 0): _result(study, 0.40)}
-    absolute, paired = study.tables(results, 0.4, ["control", "softclip", "oracle_control", "oracle"], [0, 1, 2])
+               ("oracle_pixels_control", 0.4, 0): _result(study, 0.10), ("oracle_pixels", 0.4, 0): _result(study, 0.40),
+               ("oracle", 0.4, 1): _result(study, 0.50)}
+    absolute, paired = study.tables(results, 0.4, ["control", "softclip", "oracle_pixels_control", "oracle_pixels",
+                                                   "oracle"], [0, 1, 2])
     metric = next(iter(study.METRICS))
     assert absolute["softclip"][metric]["per_seed"] == pytest.approx([25.0, 31.0, 90.0])
     assert paired["softclip"][metric]["per_seed"] == pytest.approx([5.0, 1.0])
     assert paired["softclip"][metric]["mean"] == pytest.approx(3.0)
     assert paired["softclip"][metric]["std"] == pytest.approx(2.8284, abs=1e-4)  # sample std of 5, 1
-    assert paired["oracle"]["baseline"] == "oracle_control"
-    assert paired["oracle"][metric]["per_seed"] == pytest.approx([30.0])
+    assert paired["oracle_pixels"]["baseline"] == "oracle_pixels_control"
+    assert paired["oracle_pixels"][metric]["per_seed"] == pytest.approx([30.0])
     assert "control" not in paired  # the baseline itself
-    assert paired["oracle_control"][metric]["per_seed"] == pytest.approx([-10.0])  # annotation vs detector ROIs
+    assert paired["oracle_pixels_control"][metric]["per_seed"] == pytest.approx([-10.0])  # annotation vs detector ROIs
+    assert paired["oracle"]["baseline"] == "control"  # the detector's features, ground-truth tags
+    assert paired["oracle"][metric]["per_seed"] == pytest.approx([20.0])
     table = study.markdown_table("t", {"softclip": paired["softclip"]}, paired=True)
     assert "| softclip | control | +3.0 ± 2.8 (+5.0, +1.0) |" in table
 
 
 def test_subsets_add_each_methods_baseline(study):
-    args = study.parse_args(["--methods", "oracle,softclip", "--seeds", "0,2", "--noise", "0.4",
+    args = study.parse_args(["--methods", "oracle_pixels,oracle,softclip", "--seeds", "0,2", "--noise", "0.4",
                              "--ablations", "aggregator=mean"])
     runs = {(name, noise, seed) for name, _, _, noise, seed in study.planned_runs(args)}
-    expected = {(m, 0.4, s) for m in ("oracle", "oracle_control", "softclip", "control", "softclip aggregator=mean")
-                for s in (0, 2)}
+    expected = {(m, 0.4, s) for m in ("oracle_pixels", "oracle_pixels_control", "oracle", "softclip", "control",
+                                      "softclip aggregator=mean") for s in (0, 2)}
     assert runs == expected
     with pytest.raises(SystemExit):
         study.parse_args(["--methods", "clipp"])
@@ -65,10 +69,13 @@ def test_final_monitors_keep_the_last_logged_value(study, tmp_path):
 
 def test_annotation_methods_use_the_annotations_workflow(study):
     args = study.parse_args(["--noise", "0.4", "--seeds", "0"])
-    oracle = study.run_workflow("oracle", "annotations", ["seed=0"], 0.4, 0, args)
+    pixels = study.run_workflow("oracle_pixels", "annotations", ["seed=0"], 0.4, 0, args)
+    oracle = study.run_workflow("oracle", "annotation_tags", ["seed=0"], 0.4, 0, args)
     control = study.run_workflow("control", "detector", ["seed=0"], 0.4, 0, args)
-    assert oracle.detector.annotations and not control.detector.annotations
-    assert oracle.dataset == control.dataset  # one shared world
+    assert pixels.detector.annotations and not control.detector.annotations
+    assert oracle.detector == control.detector and oracle.extract.tags == "annotations"
+    assert control.extract.tags == "detector"
+    assert oracle.dataset == control.dataset == pixels.dataset  # one shared world
     assert oracle.dataset.shapes.caption_noise == 0.4 and oracle.dataset.shapes.num_retrieval == 2000
 
 

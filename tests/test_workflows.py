@@ -388,3 +388,46 @@ def test_annotations_take_no_detector_files(tmp_path):
     bad.write_text("name: x\ndataset: {shapes: {}}\ndetector: {annotations: true, weights: w.pth}\n")
     with pytest.raises(ConfigError, match="annotations replaces the detector"):
         load_config(WorkflowConfig, bad)
+
+
+def test_annotation_tags_keep_the_detector_features_and_replace_only_the_tags(first_run, tmp_path):
+    from webdataset.tariterators import tarfile_samples
+
+    from softclip.pipeline.annotation_features import annotation_tags
+    from softclip.pipeline.sources import open_source
+
+    _, path, cache, first = first_run
+    spec = yaml.safe_load(path.read_text())
+    spec["extract"]["tags"] = "annotations"
+    oracle = tmp_path / "oracle.yaml"
+    oracle.write_text(yaml.safe_dump(spec))
+    result, _ = _run(oracle, cache, until="extract")
+    assert [(r.stage, r.cached) for r in result.records] == [
+        ("dataset", True), ("detector", True), ("extract", False)]
+    detector_run, tagged = first.records[2], result.records[2]
+    assert tagged.outputs["feature_dim"] == detector_run.outputs["feature_dim"]
+    source = open_source(result.records[0].outputs["train"])
+    objects = {s.key: s.meta["objects"] for shard in source.shards for s in source.iter_shard(shard)}
+    shards = sorted(Path(detector_run.outputs["packed"]).glob("*.tar"))
+    assert [p.name for p in sorted(Path(tagged.outputs["packed"]).glob("*.tar"))] == [p.name for p in shards]
+    changed = 0
+    for shard in shards:
+        before = list(tarfile_samples([{"url": str(shard)}]))
+        after = list(tarfile_samples([{"url": str(Path(tagged.outputs["packed"]) / shard.name)}]))
+        assert [s["__key__"] for s in after] == [s["__key__"] for s in before]
+        for old, new in zip(before, after):
+            old_meta, new_meta = json.loads(old["json"]), json.loads(new["json"])
+            assert new_meta["tags"] == annotation_tags(objects[new_meta["key"]])
+            assert {**new_meta, "tags": old_meta["tags"]} == old_meta
+            assert new["jpg"] == old["jpg"] and new["roi.npy.zst"] == old["roi.npy.zst"]
+            changed += new_meta["tags"] != old_meta["tags"]
+    assert changed > 0  # a 3-step detector does not already tag like the annotations
+    again, _ = _run(oracle, cache, until="extract")
+    assert all(r.cached for r in again.records)
+
+
+def test_extract_tags_must_be_detector_or_annotations(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\ndataset: {shapes: {}}\ndetector: {annotations: true}\nextract: {tags: truth}\n")
+    with pytest.raises(ConfigError, match="tags must be 'detector' or 'annotations'"):
+        load_config(WorkflowConfig, bad)

@@ -74,10 +74,20 @@ class DetectorStep:
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class ExtractStep:
-    """An extraction config YAML (``dataset``, ``weights``, ``labelmap``, ``out`` are filled in)."""
+    """An extraction config YAML (``dataset``, ``weights``, ``labelmap``, ``out`` are filled in).
+
+    ``tags: annotations`` keeps the detector's shards but replaces their tags with the shapes world's annotated
+    objects (:func:`pipeline.annotation_features.write_annotation_tag_shards`): soft targets from the truth,
+    everything else the detector's (the study's positive control). ``tags: detector`` (default) keeps them.
+    """
 
     config: str = "extract/configs/extract-default.yaml"
     overrides: tuple[str, ...] = ()
+    tags: str = "detector"
+
+    def __post_init__(self):
+        if self.tags not in ("detector", "annotations"):
+            raise ValueError(f"extract: tags must be 'detector' or 'annotations', not {self.tags!r}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)

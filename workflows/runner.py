@@ -215,9 +215,23 @@ class WorkflowRunner:
             settings["detector_overrides"]["config"] = "<the detector's config>"
         artifact = self.cache.artifact("extract", artifact_key("extract", settings, inputs))
         cfg = cfg.replace(out=artifact.path)
-        return self._produce(artifact, "features", settings, inputs, lambda: _extract_every_shard(cfg),
-                             outputs={"features": str(artifact.path), "packed": str(artifact.path / PACKED_DIR)},
-                             describe=_feature_dim)
+        features = self._produce(artifact, "features", settings, inputs, lambda: _extract_every_shard(cfg),
+                                 outputs={"features": str(artifact.path), "packed": str(artifact.path / PACKED_DIR)},
+                                 describe=_feature_dim)
+        return self._annotation_tags(dataset, features) if step.tags == "annotations" else features
+
+    def _annotation_tags(self, dataset: StageRecord, features: StageRecord) -> StageRecord:
+        """The detector's packed shards with the dataset's annotated objects as their tags."""
+        from softclip.pipeline.annotation_features import write_annotation_tag_shards
+
+        settings, inputs = {"tags": "annotations"}, {"dataset": dataset.key, "extract": features.key}
+        artifact = self.cache.artifact("extract", artifact_key("extract", settings, inputs))
+        make = lambda: write_annotation_tag_shards(features.outputs["packed"], dataset.outputs["train"],  # noqa: E731
+                                                   artifact.path / PACKED_DIR, progress=False)
+        return self._produce(artifact, "annotation tags", settings, inputs, make,
+                             outputs={"features": str(artifact.path / PACKED_DIR),
+                                      "packed": str(artifact.path / PACKED_DIR),
+                                      "feature_dim": features.outputs.get("feature_dim")})
 
     def _annotation_features(self, dataset: StageRecord, detector: StageRecord) -> StageRecord:
         """Packed and Parquet shards from the dataset's box annotations (no detector, no Ray)."""
