@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from softclip.extract.detector_config import DetectorArch, DetectorConfig, DetectorSettings
-from softclip.extract.vinvl import VinVLDetector
+from softclip.extract.detector.config import DetectorArch, DetectorConfig, DetectorSettings
+from softclip.extract.detector.vinvl import VinVLDetector
 from softclip.pipeline.config import load_config
 
 

@@ -39,11 +39,11 @@ from pathlib import Path
 import ray
 import torch
 
-from softclip.extract.checkpoint import write_checkpoint, write_labelmap
-from softclip.extract.detector_config import DetectorArch, DetectorConfig
-from softclip.extract.job import run_extraction
-from softclip.extract.job_config import ExtractConfig
-from softclip.extract.vinvl import VinVLDetector
+from softclip.extract.detector.checkpoint import write_checkpoint, write_labelmap
+from softclip.extract.detector.config import DetectorArch, DetectorConfig
+from softclip.extract.detector.vinvl import VinVLDetector
+from softclip.extract.job.config import ExtractConfig
+from softclip.extract.job.run import run_extraction
 from softclip.pipeline.config import load_config
 from softclip.pipeline.shapes import ShapesConfig, generate
 

@@ -34,9 +34,9 @@ from pathlib import Path
 
 import torch
 
-from softclip.extract.detector_config import DetectorConfig
-from softclip.extract.job import run_extraction
-from softclip.extract.job_config import ExtractConfig
+from softclip.extract.detector.config import DetectorConfig
+from softclip.extract.job.config import ExtractConfig
+from softclip.extract.job.run import run_extraction
 from softclip.pipeline.config import load_config
 from softclip.pipeline.shapes import ShapesConfig, generate
 from softclip.train.losses import SoftCLIPLoss

@@ -4,7 +4,7 @@ training checkpoints through ``load_checkpoint``.
 Prints one JSON object. Shards: every sample gets one random fault (unsafe member name, symbolic or hard
 link, member over the size cap, non-UTF-8 or over-long caption, non-object json, non-text json caption, a
 repeated key, undecodable image bytes, an empty member) or none; the read stage
-(:func:`softclip.extract.stages.read_shard_rows`) must yield exactly one row per sample written (``keys
+(:func:`softclip.extract.job.stages.read_shard_rows`) must yield exactly one row per sample written (``keys
 lost`` and ``duplicates`` count the difference), never raise (``crashes``), and never use an unsafe name
 as a key. Checkpoints: truncations, single bit flips and random files of a real checkpoint, each must be
 one ``CorruptCheckpointError`` naming the file.
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from softclip.extract.stages import read_shard_rows
+from softclip.extract.job.stages import read_shard_rows
 from softclip.train.checkpoint import CorruptCheckpointError, load_checkpoint, save_checkpoint
 
 FAULTS = ("none", "unsafe_name", "symlink", "hardlink", "too_large", "bad_utf8", "long_caption", "json_list",

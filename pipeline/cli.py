@@ -21,7 +21,7 @@ __all__ = ["STAGE_CLI_MODULES", "build_app", "main"]
 
 # Modules whose `register(app)` adds the stage commands, in the order --help lists them.
 STAGE_CLI_MODULES: tuple[str, ...] = (
-    "softclip.extract.job_cli", "softclip.extract.cli", "softclip.train.cli", "softclip.train.export",
+    "softclip.extract.job.cli", "softclip.extract.detector.cli", "softclip.train.cli", "softclip.train.export",
     "softclip.eval.cli",
     "softclip.workflows.cli",
 )

@@ -10,10 +10,10 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from softclip.extract.checkpoint import read_labelmap, read_state_dict
-from softclip.extract.cli import register
-from softclip.extract.losses import attribute_loss, attribute_soft_targets
-from softclip.extract.vinvl import VinVLDetector
+from softclip.extract.detector.checkpoint import read_labelmap, read_state_dict
+from softclip.extract.detector.cli import register
+from softclip.extract.detector.losses import attribute_loss, attribute_soft_targets
+from softclip.extract.detector.vinvl import VinVLDetector
 from softclip.pipeline.shapes import COLOURS, SHAPES, ShapesConfig, generate
 
 SHAPES_YAML = Path(__file__).parent.parent / "extract" / "configs" / "shapes.yaml"

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from softclip.extract.detector_config import DetectorConfig, DetectorSettings
-from softclip.extract.vinvl import DetectorSettingsWarning, VinVLDetector
+from softclip.extract.detector.config import DetectorConfig, DetectorSettings
+from softclip.extract.detector.vinvl import DetectorSettingsWarning, VinVLDetector
 from softclip.pipeline.cli import build_app
 from softclip.pipeline.config import load_config, save_config
 from softclip.pipeline.shapes import ShapesConfig, generate

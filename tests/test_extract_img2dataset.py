@@ -10,9 +10,9 @@ import pytest
 import ray
 from test_extract_job_actor import tiny_config
 
-from softclip.extract.inspect import inspect_features
-from softclip.extract.job import run_extraction
-from softclip.extract.manifest import Manifest
+from softclip.extract.job.inspect import inspect_features
+from softclip.extract.job.manifest import Manifest
+from softclip.extract.job.run import run_extraction
 from softclip.pipeline.shards import read_feature_table
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "img2dataset"
@@ -28,7 +28,7 @@ def local_ray():
 
 @pytest.mark.slow
 def test_every_img2dataset_format_extracts_each_key_once_and_counts_failures(tmp_path, monkeypatch):
-    from softclip.extract import job
+    from softclip.extract.job import run as job
 
     totals = []
     real_tqdm = job.tqdm

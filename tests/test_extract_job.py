@@ -13,9 +13,9 @@ import ray
 import webdataset as wds
 from test_extract_job_actor import BAD_SHARD_EXPECTED, tiny_config, write_bad_source
 
-from softclip.extract.job import run_extraction
-from softclip.extract.manifest import Manifest, ManifestMismatchError
-from softclip.extract.vinvl import VinVLDetector
+from softclip.extract.detector.vinvl import VinVLDetector
+from softclip.extract.job.manifest import Manifest, ManifestMismatchError
+from softclip.extract.job.run import run_extraction
 from softclip.pipeline.packed import read_packed_sample
 from softclip.pipeline.shards import read_feature_table
 from softclip.pipeline.sources import open_source
@@ -156,7 +156,7 @@ def test_an_input_that_kills_its_worker_every_time_fails_the_run_naming_the_shar
 
     from PIL import Image
 
-    from softclip.extract.job import WorkerCrashError
+    from softclip.extract.job.run import WorkerCrashError
     from softclip.pipeline.img2dataset import ShardWriter
 
     source = tmp_path / "source"

@@ -20,11 +20,14 @@ import torch
 from PIL import Image
 from test_shards import table_to_records
 
-from softclip.extract import job
-from softclip.extract.actor import ROUTING_COLUMNS, DetectorActor, detection_to_record
-from softclip.extract.checkpoint import CheckpointError, write_checkpoint, write_labelmap
-from softclip.extract.detector_config import DetectorArch, DetectorConfig
-from softclip.extract.job import (
+from softclip.extract.detector.checkpoint import CheckpointError, write_checkpoint, write_labelmap
+from softclip.extract.detector.config import DetectorArch, DetectorConfig
+from softclip.extract.detector.vinvl import VinVLDetector
+from softclip.extract.job import run as job
+from softclip.extract.job.actor import ROUTING_COLUMNS, DetectorActor, detection_to_record
+from softclip.extract.job.config import ExtractConfig
+from softclip.extract.job.manifest import Manifest, ManifestFormatError, ManifestMismatchError
+from softclip.extract.job.run import (
     OutputDirError,
     OutputNotEmptyError,
     check_out_dir,
@@ -32,11 +35,8 @@ from softclip.extract.job import (
     resolve_dataset_spec,
     run_extraction,
 )
-from softclip.extract.job_config import ExtractConfig
-from softclip.extract.manifest import Manifest, ManifestFormatError, ManifestMismatchError
-from softclip.extract.stages import ROW_COLUMNS, read_shard_rows
-from softclip.extract.vinvl import VinVLDetector
-from softclip.extract.writer import IncompleteShardsError, ShardAssembler, remove_stale_temporaries
+from softclip.extract.job.stages import ROW_COLUMNS, read_shard_rows
+from softclip.extract.job.writer import IncompleteShardsError, ShardAssembler, remove_stale_temporaries
 from softclip.pipeline.img2dataset import ShardWriter
 from softclip.pipeline.io import file_sha256
 from softclip.pipeline.shards import FeatureRecord, feature_schema, read_feature_table
@@ -287,7 +287,7 @@ def test_a_manifest_without_shards_takes_a_new_fingerprint(tmp_path, caplog):
     first = Manifest.open(tmp_path, {"dataset": "d", "labelmap_sha256": "wrong"})
     first.set_detector("det-a", 8)
     first.save()  # a run that failed before its first commit
-    with caplog.at_level(logging.WARNING, logger="softclip.extract.manifest"):
+    with caplog.at_level(logging.WARNING, logger="softclip.extract.job.manifest"):
         second = Manifest.open(tmp_path, {"dataset": "d", "labelmap_sha256": "right"})
     assert second.data["fingerprint"]["labelmap_sha256"] == "right" and second.data["detector"] == {}
     assert "replacing its fingerprint" in caplog.text and "labelmap_sha256: 'wrong' -> 'right'" in caplog.text
@@ -366,7 +366,7 @@ def test_the_workers_get_a_package_named_softclip(tmp_path):
     package = job.stage_worker_package(tmp_path)
     assert package == tmp_path / "softclip"
     assert sorted(p.name for p in package.iterdir()) == ["__init__.py", "extract", "pipeline"]
-    assert (package / "extract" / "vinvl.py").is_file() and not (package / "extract" / "weights").exists()
+    assert (package / "extract" / "detector" / "vinvl.py").is_file() and (package / "extract" / "job" / "actor.py").is_file() and not (package / "extract" / "weights").exists()
 
 
 def test_ray_address_from_the_environment_joins_with_the_code(tmp_path, bad_source, monkeypatch):

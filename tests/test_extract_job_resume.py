@@ -16,13 +16,13 @@ import typer
 from test_extract_job_actor import TINY_SETTINGS, write_tiny_vinvl
 from typer.testing import CliRunner
 
-from softclip.extract.job_cli import register
-from softclip.extract.manifest import ManifestMismatchError
+from softclip.extract.job.cli import register
+from softclip.extract.job.manifest import ManifestMismatchError
 from softclip.pipeline.shapes import ShapesConfig, generate
 from softclip.pipeline.sources import open_source
 
 REPO = Path(__file__).resolve().parents[1]
-CLI = "import typer; from extract.job_cli import register; app = typer.Typer(); register(app); app()"
+CLI = "import typer; from softclip.extract.job.cli import register; app = typer.Typer(); register(app); app()"
 NUM_SHARDS = 6
 
 

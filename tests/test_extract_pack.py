@@ -13,9 +13,9 @@ import pytest
 import webdataset as wds
 from test_extract_job_actor import extract_without_ray, tiny_config, write_bad_source
 
-from softclip.extract import job
-from softclip.extract.manifest import Manifest
-from softclip.extract.writer import packed_ok
+from softclip.extract.job import run as job
+from softclip.extract.job.manifest import Manifest
+from softclip.extract.job.writer import packed_ok
 from softclip.pipeline.packed import read_packed_sample
 from softclip.pipeline.shards import ragged_column, read_feature_table
 from softclip.pipeline.sources import open_source
@@ -76,9 +76,9 @@ def test_the_writer_path_imports_neither_torch_nor_the_detector(tmp_path, pack):
         from pathlib import Path
         import pyarrow as pa
         import pyarrow.parquet as pq
-        import softclip.extract.job
-        from softclip.extract.manifest import Manifest
-        from softclip.extract.writer import ShardAssembler
+        import softclip.extract.job.run
+        from softclip.extract.job.manifest import Manifest
+        from softclip.extract.job.writer import ShardAssembler
 
         rows = pq.read_table({str(cfg.out / "00003.parquet")!r})
         n = rows.num_rows
@@ -93,8 +93,8 @@ def test_the_writer_path_imports_neither_torch_nor_the_detector(tmp_path, pack):
         assembler = ShardAssembler(out, Manifest.open(out, {{"dataset": "x"}}), row_group_size=2, pack={pack})
         assert assembler.add(pa.concat_tables([rows, marker])) == (n, ["00003"])
         assembler.close()
-        detector = sorted(m for m in sys.modules if m.startswith(("torchvision", "softclip.extract.actor",
-                          "softclip.extract.vinvl", "softclip.extract.checkpoint", "softclip.extract.modules")))
+        detector = sorted(m for m in sys.modules
+                          if m.startswith(("torchvision", "softclip.extract.job.actor", "softclip.extract.detector")))
         print("DETECTOR", detector, "TORCH", "torch" in sys.modules)
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)

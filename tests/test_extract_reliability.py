@@ -10,11 +10,11 @@ import pyarrow.parquet as pq
 import pytest
 from test_extract_job_actor import _rows_batch, extract_without_ray, tiny_config, write_bad_source
 
-from softclip.extract import writer as writer_module
-from softclip.extract.actor import DetectorActor
-from softclip.extract.manifest import Manifest
-from softclip.extract.stages import read_shard_rows
-from softclip.extract.writer import ShardAssembler
+from softclip.extract.job import writer as writer_module
+from softclip.extract.job.actor import DetectorActor
+from softclip.extract.job.manifest import Manifest
+from softclip.extract.job.stages import read_shard_rows
+from softclip.extract.job.writer import ShardAssembler
 from softclip.pipeline.io import DiskFullError
 
 
@@ -50,8 +50,8 @@ def test_disk_full_names_the_file_and_leaves_no_temporary(tmp_path, monkeypatch,
 
 
 def test_packing_temporaries_left_during_a_run_are_gone_when_it_ends(tmp_path, monkeypatch):
-    from softclip.extract import job as job_module
-    from softclip.extract.job import run_extraction
+    from softclip.extract.job import run as job_module
+    from softclip.extract.job.run import run_extraction
 
     source = write_bad_source(tmp_path / "source")
     (source / "00002.tar").unlink()  # the unreadable shard: this test is about packing

@@ -13,8 +13,8 @@ pytestmark = pytest.mark.gpu
 def test_detector_on_cuda_matches_cpu(tmp_path):
     from test_vinvl import ATTRIBUTES, CLASSES, TINY, _images, _randomise
 
-    from softclip.extract.checkpoint import write_checkpoint, write_labelmap
-    from softclip.extract.vinvl import VinVLDetector
+    from softclip.extract.detector.checkpoint import write_checkpoint, write_labelmap
+    from softclip.extract.detector.vinvl import VinVLDetector
 
     torch.manual_seed(0)
     write_checkpoint(tmp_path / "model.pth",

@@ -8,8 +8,8 @@ import pytest
 from test_extract_job_actor import BAD_SHARD_EXPECTED, extract_without_ray, tiny_config, write_bad_source
 from typer.testing import CliRunner
 
-from softclip.extract.inspect import inspect_features
-from softclip.extract.job_cli import register
+from softclip.extract.job.cli import register
+from softclip.extract.job.inspect import inspect_features
 from softclip.pipeline.shards import read_feature_table
 
 

@@ -9,8 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from softclip.extract.checkpoint import CheckpointError, read_labelmap, read_labelmap_for, write_labelmap
-from softclip.extract.vinvl import VinVLDetector
+from softclip.extract.detector.checkpoint import (
+    CheckpointError,
+    read_labelmap,
+    read_labelmap_for,
+    write_labelmap,
+)
+from softclip.extract.detector.vinvl import VinVLDetector
 
 SHIPPED = Path(__file__).resolve().parents[1] / "extract" / "weights" / "shapes"
 

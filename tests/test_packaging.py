@@ -33,7 +33,7 @@ def test_the_wheel_installs_one_top_level_package(wheel_names):
 
 def test_the_wheel_holds_the_stages_and_their_data(wheel_names):
     names = set(wheel_names)
-    for module in ("__init__.py", "__main__.py", "pipeline/cli.py", "extract/vinvl.py", "train/losses.py",
+    for module in ("__init__.py", "__main__.py", "pipeline/cli.py", "extract/detector/vinvl.py", "train/losses.py",
                    "eval/evaluate.py", "workflows/runner.py", "pipeline/registry.py",
                    "extract/weights/shapes/model.pth", "extract/weights/shapes/labelmap.json",
                    "extract/configs/extract-default.yaml", "train/configs/shapes-softclip.yaml",

@@ -13,7 +13,7 @@ import pytest
 
 _DRIVER = """
 import time
-from softclip.extract.ray_local import start_local_ray
+from softclip.extract.job.ray_local import start_local_ray
 import ray
 start_local_ray(num_cpus=1)
 ray.get(ray.remote(lambda: 1).remote())  # a worker process too

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from softclip.extract.detector_config import DetectorConfig
-from softclip.extract.detector_eval import evaluate_tags
-from softclip.extract.vinvl import VinVLDetector
+from softclip.extract.detector.config import DetectorConfig
+from softclip.extract.detector.evaluation import evaluate_tags
+from softclip.extract.detector.vinvl import VinVLDetector
 from softclip.pipeline.config import load_config
 from softclip.pipeline.shapes import COLOURS, ShapesConfig, generate
 

@@ -189,7 +189,7 @@ class _Zeros(io.RawIOBase):
 
 
 def test_extraction_rows_keep_the_source_reason_and_every_key(tmp_path):
-    from softclip.extract.stages import read_shard_rows
+    from softclip.extract.job.stages import read_shard_rows
 
     links = [("003.png", b"", {"type": tarfile.SYMTYPE, "linkname": "/etc/passwd"})]
     path = _shard(tmp_path / "00000.tar", [*_good("000"), ("../x.png", _png()), ("001.png", _png()),

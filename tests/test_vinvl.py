@@ -13,28 +13,28 @@ import torchvision
 from PIL import Image
 from torchvision.ops import FrozenBatchNorm2d, nms
 
-from softclip.extract.checkpoint import (
+from softclip.extract.detector.checkpoint import (
     CheckpointError,
     read_labelmap,
     read_state_dict,
     write_checkpoint,
     write_labelmap,
 )
-from softclip.extract.detector_config import DetectorArch, DetectorConfig, DetectorSettings
-from softclip.extract.legacy import (
+from softclip.extract.detector.config import DetectorArch, DetectorConfig, DetectorSettings
+from softclip.extract.detector.legacy import (
     clip_boxes_legacy,
     decode_boxes,
     encode_boxes,
     generate_cell_anchors,
     resized_size,
 )
-from softclip.extract.postprocess import (
+from softclip.extract.detector.postprocess import (
     filter_detections,
     multiclass_nms_keep,
     postprocess_attributes,
     rpn_proposals,
 )
-from softclip.extract.vinvl import VinVLDetector, format_tags
+from softclip.extract.detector.vinvl import VinVLDetector, format_tags
 from softclip.pipeline.config import ConfigError
 
 KEYS_FILE = Path(__file__).parent / "fixtures" / "vinvl-checkpoint-keys.txt"

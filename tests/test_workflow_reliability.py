@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from softclip.extract import job as job_module
-from softclip.extract.manifest import Manifest
+from softclip.extract.job import run as job_module
+from softclip.extract.job.manifest import Manifest
 from softclip.pipeline.img2dataset import ShardWriter
 from softclip.pipeline.shards import write_parquet_shard
 from softclip.pipeline.sources import SourceError, open_source

@@ -183,8 +183,8 @@ class WorkflowRunner:
                 identity["config"], outputs["config"] = file_fingerprint(config), str(config)
             return StageRecord("detector", weights.name, artifact_key("detector", identity, {}), None, True,
                                outputs=outputs)
-        from softclip.extract.detector_config import DetectorConfig
-        from softclip.extract.detector_train import train_detector
+        from softclip.extract.detector.config import DetectorConfig
+        from softclip.extract.detector.training import train_detector
 
         cfg = apply_overrides(load_config(DetectorConfig, _project_file(step.train)), step.overrides)
         settings, inputs = to_dict(cfg), {"dataset": dataset.key}
@@ -196,7 +196,7 @@ class WorkflowRunner:
                                       "config": str(artifact.path / "detector.yaml")})
 
     def _extract(self, dataset: StageRecord, detector: StageRecord) -> StageRecord:
-        from softclip.extract.job_config import ExtractConfig
+        from softclip.extract.job.config import ExtractConfig
 
         if detector.outputs.get("annotations"):
             return self._annotation_features(dataset, detector)
@@ -393,8 +393,8 @@ class UnreadableShardsError(ValueError):
 def _extract_every_shard(cfg) -> None:
     """Run the extraction; raise when a shard could not be read, so the artifact is not marked complete
     and the next run retries that shard (finished shards are kept)."""
-    from softclip.extract.job import run_extraction
-    from softclip.extract.manifest import Manifest
+    from softclip.extract.job.manifest import Manifest
+    from softclip.extract.job.run import run_extraction
 
     run_extraction(cfg)
     shards = Manifest.load(cfg.out).shards

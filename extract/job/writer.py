@@ -1,7 +1,7 @@
 """The driver side of the extraction job: feature rows arrive in any order; per shard one Parquet file and,
 when packing, one packed training tar, both written in a single pass from the same rows.
 
-Rows arrive as Arrow tables in one form (:func:`extract.actor.feature_batch`: the feature shard's columns
+Rows arrive as Arrow tables in one form (:func:`softclip.extract.job.actor.feature_batch`: the feature shard's columns
 plus routing columns), and stay Arrow here: no per-row Python objects, and this module imports neither
 torch nor the detector. :class:`ShardAssembler` keeps, per input shard in flight, an open
 ``pyarrow.parquet.ParquetWriter`` on a temporary file beside the final name (``.tmp-00042.parquet.*``) and,
@@ -29,8 +29,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from softclip.extract.manifest import Manifest
-from softclip.extract.stages import error_reason
+from softclip.extract.job.manifest import Manifest
+from softclip.extract.job.stages import error_reason
 from softclip.pipeline.io import HashingWriter, disk_full_names, file_sha256, temporary_file_beside
 from softclip.pipeline.packed import PACKED_DIR, PACKED_VERSION, PackedShardWriter, packed_samples
 from softclip.pipeline.shards import feature_schema

@@ -17,7 +17,7 @@ from typing import Literal
 
 import polars as pl
 
-from softclip.extract.manifest import MANIFEST_NAME, Manifest
+from softclip.extract.job.manifest import MANIFEST_NAME, Manifest
 from softclip.pipeline.io import file_sha256
 from softclip.pipeline.shards import read_feature_table
 

@@ -15,14 +15,14 @@ from softclip.pipeline.config import apply_overrides, from_dict, read_yaml
 
 __all__ = ["DEFAULT_CONFIG", "extract", "inspect", "load_extract_config", "register"]
 
-DEFAULT_CONFIG = Path(__file__).parent / "configs" / "extract-default.yaml"
+DEFAULT_CONFIG = Path(__file__).parents[1] / "configs" / "extract-default.yaml"  # extract/configs/
 
 
 def load_extract_config(path: str | Path, *, dataset: str, weights: str | Path, labelmap: str | Path,
                         out: str | Path, overrides: list[str] | tuple[str, ...] = ()):
-    """An :class:`~extract.job_config.ExtractConfig` from a settings YAML (which leaves out the paths)
+    """An :class:`~softclip.extract.job.config.ExtractConfig` from a settings YAML (which leaves out the paths)
     plus the paths and ``key=value`` overrides; unknown keys are errors naming the file."""
-    from softclip.extract.job_config import ExtractConfig
+    from softclip.extract.job.config import ExtractConfig
 
     path = Path(path)
     if not path.is_file():
@@ -45,7 +45,7 @@ def extract(
     set_: list[str] = typer.Option([], "--set", help="Override any setting, e.g. --set batch_size=16."),
 ) -> None:
     """Extract ROI features with a pool of detector actors on Ray (joins $RAY_ADDRESS when set)."""
-    from softclip.extract.job import run_extraction
+    from softclip.extract.job.run import run_extraction
 
     given = [f"{k}={v}" for k, v in (("max_boxes", max_boxes), ("actors", actors)) if v is not None]
     if pack is not None:
@@ -65,7 +65,7 @@ def inspect(
 ) -> None:
     """Summarise a feature directory: rows, errors by reason, boxes/image, frequent tags, bytes/image.
     With a manifest, only its intact complete shards are read; others are reported."""
-    from softclip.extract.inspect import inspect_features
+    from softclip.extract.job.inspect import inspect_features
 
     typer.echo(inspect_features(directory, top=top, verify=verify).render())
 

@@ -23,12 +23,12 @@ from torch import Tensor
 from torchvision.ops import FrozenBatchNorm2d
 from tqdm import tqdm
 
-from softclip.extract.checkpoint import BACKGROUND, NO_ATTRIBUTE, write_checkpoint, write_labelmap
-from softclip.extract.detector_config import DetectorConfig
-from softclip.extract.legacy import encode_boxes
-from softclip.extract.losses import attribute_loss, fastrcnn_loss, rpn_loss, sample_proposals
-from softclip.extract.postprocess import rpn_proposals
-from softclip.extract.vinvl import BOX_REG_WEIGHTS, VinVLDetector
+from softclip.extract.detector.checkpoint import BACKGROUND, NO_ATTRIBUTE, write_checkpoint, write_labelmap
+from softclip.extract.detector.config import DetectorConfig
+from softclip.extract.detector.legacy import encode_boxes
+from softclip.extract.detector.losses import attribute_loss, fastrcnn_loss, rpn_loss, sample_proposals
+from softclip.extract.detector.postprocess import rpn_proposals
+from softclip.extract.detector.vinvl import BOX_REG_WEIGHTS, VinVLDetector
 from softclip.pipeline.config import save_config
 from softclip.pipeline.images import ImageDecodeError, decode_image
 from softclip.pipeline.schedule import cosine_lr

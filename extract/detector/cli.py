@@ -30,7 +30,7 @@ def _settings_overrides(items: list[str]) -> dict:
 
 
 def _load(weights: Path, labelmap: Path, config: Path | None, overrides: list[str], device: str):
-    from softclip.extract.vinvl import VinVLDetector
+    from softclip.extract.detector.vinvl import VinVLDetector
 
     return VinVLDetector.from_checkpoint(weights, labelmap, config=config, device=device,
                                          **_settings_overrides(overrides))
@@ -103,8 +103,8 @@ def train_command(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Train a detector of the VinVL family on box-annotated tars (the shapes world)."""
-    from softclip.extract.detector_config import DetectorConfig
-    from softclip.extract.detector_train import train_detector
+    from softclip.extract.detector.config import DetectorConfig
+    from softclip.extract.detector.training import train_detector
     from softclip.pipeline.config import apply_overrides, load_config
 
     cfg = apply_overrides(load_config(DetectorConfig, config), overrides)
@@ -124,7 +124,7 @@ def eval_command(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Tag ("colour shape") precision and recall on the held-out annotated shapes images."""
-    from softclip.extract.detector_eval import evaluate_tags
+    from softclip.extract.detector.evaluation import evaluate_tags
     from softclip.pipeline.shapes import COLOURS
 
     detector = _load(weights, labelmap, config, overrides, "cpu")

@@ -19,7 +19,7 @@ from softclip.pipeline.sources import DEFAULT_MAX_CAPTION_CHARS, DEFAULT_MAX_MEM
 
 __all__ = ["DEFAULT_LOADER", "ExtractConfig"]
 
-DEFAULT_LOADER = "softclip.extract.vinvl:VinVLDetector.from_checkpoint"
+DEFAULT_LOADER = "softclip.extract.detector.vinvl:VinVLDetector.from_checkpoint"
 _FINGERPRINT_FIELDS = ("max_boxes", "max_pixels", "require_caption", "detector_overrides", "loader",
                        "max_member_bytes", "max_caption_chars")
 

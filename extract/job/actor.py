@@ -2,7 +2,7 @@
 
 :class:`DetectorActor` loads the detector once in ``__init__`` and maps a batch of decoded rows to a
 batch of feature rows in ``__call__`` under ``torch.inference_mode()``. Resources (GPUs, CPUs, number
-of actors) are chosen at the ``map_batches`` call site in :mod:`extract.job`, never here.
+of actors) are chosen at the ``map_batches`` call site in :mod:`softclip.extract.job.run`, never here.
 
 Feature rows leave the actor in one form, an Arrow table (:func:`feature_batch`): the feature shard's
 columns (:func:`pipeline.shards.feature_schema`) plus :data:`ROUTING_COLUMNS` (where the row goes, the encoded
@@ -21,8 +21,8 @@ import pyarrow as pa
 import torch
 from PIL import Image
 
-from softclip.extract.job_config import ExtractConfig
-from softclip.extract.vinvl import format_tags
+from softclip.extract.detector.vinvl import format_tags
+from softclip.extract.job.config import ExtractConfig
 from softclip.pipeline.shards import FeatureRecord, error_record, records_to_table
 
 __all__ = ["ROUTING_COLUMNS", "DetectorActor", "detection_to_record", "feature_batch", "load_detector",
@@ -32,7 +32,7 @@ ROUTING_COLUMNS = ("index", "shard_total", "shard_error", "image", "detect_secon
 
 
 def resolve_loader(spec: str) -> Callable[..., Any]:
-    """Import ``module:attr.attr`` (e.g. ``extract.vinvl:VinVLDetector.from_checkpoint``)."""
+    """Import ``module:attr.attr`` (e.g. ``softclip.extract.detector.vinvl:VinVLDetector.from_checkpoint``)."""
     module_name, _, attr_path = spec.partition(":")
     try:
         target: Any = importlib.import_module(module_name)
@@ -70,7 +70,7 @@ def detection_to_record(det: dict[str, Any], *, key: str, shard: str, width: int
     Args:
         det: ``boxes [n, 4]`` (x1, y1, x2, y2, original pixels), ``geometry [n, 6]``, ``features [n, D]``,
             ``labels [n]``, ``scores [n]``, ``class_names``, ``attr_labels [n, k]``, ``attr_scores [n, k]``,
-            ``attr_names`` (per box) and ``tags`` (see :meth:`extract.vinvl.VinVLDetector.detect`).
+            ``attr_names`` (per box) and ``tags`` (see :meth:`softclip.extract.detector.vinvl.VinVLDetector.detect`).
     """
     scores = np.asarray(det["scores"], np.float32).reshape(-1)
     order = np.argsort(-scores, kind="stable")[:max_boxes]
@@ -118,8 +118,8 @@ def _actor_device(cfg: ExtractConfig) -> str:
 class DetectorActor:
     """Ray Data callable class: decoded rows in, feature rows out (see the module docstring).
 
-    Example (no Ray needed; ``batch`` holds the columns :data:`extract.stages.ROW_COLUMNS` of rows from
-    :func:`extract.stages.read_shard_rows`, as ``map_batches`` hands them over)::
+    Example (no Ray needed; ``batch`` holds the columns :data:`softclip.extract.job.stages.ROW_COLUMNS` of rows from
+    :func:`softclip.extract.job.stages.read_shard_rows`, as ``map_batches`` hands them over)::
 
         features = DetectorActor(cfg)(batch)  # an Arrow table, see feature_batch
     """

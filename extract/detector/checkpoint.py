@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from softclip.extract.detector_config import DetectorArch
+from softclip.extract.detector.config import DetectorArch
 from softclip.pipeline.io import atomic_write_bytes, atomic_write_json
 
 __all__ = [

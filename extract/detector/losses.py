@@ -12,7 +12,7 @@ from torch import Tensor
 from torchvision.models.detection._utils import BalancedPositiveNegativeSampler, Matcher
 from torchvision.ops import box_iou
 
-from softclip.extract.legacy import encode_boxes
+from softclip.extract.detector.legacy import encode_boxes
 
 __all__ = ["attribute_loss", "attribute_soft_targets", "fastrcnn_loss", "rpn_loss", "sample_proposals"]
 

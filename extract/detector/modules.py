@@ -22,8 +22,8 @@ from torch import Tensor, nn
 from torchvision.models.resnet import Bottleneck
 from torchvision.ops import FrozenBatchNorm2d, roi_align
 
-from softclip.extract.detector_config import DetectorArch
-from softclip.extract.legacy import generate_cell_anchors
+from softclip.extract.detector.config import DetectorArch
+from softclip.extract.detector.legacy import generate_cell_anchors
 
 __all__ = [
     "AttributeHead",
@@ -179,7 +179,7 @@ class RPNHead(nn.Module):
 
 
 class RegionProposalNetwork(nn.Module):
-    """Single-level RPN on C4: anchor generator + head; proposals are made in :mod:`extract.postprocess`."""
+    """Single-level RPN on C4: anchor generator + head; proposals are made in :mod:`softclip.extract.detector.postprocess`."""
 
     def __init__(self, arch: DetectorArch, *, anchor_generator: CellAnchorGenerator | None = None,
                  head: RPNHead | None = None):

@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from softclip.extract.checkpoint import (
+from softclip.extract.detector.checkpoint import (
     ALIAS_PREFIX,
     BOX_EXTRACTOR_PREFIX,
     CheckpointError,
@@ -34,9 +34,9 @@ from softclip.extract.checkpoint import (
     read_labelmap_for,
     read_state_dict,
 )
-from softclip.extract.detector_config import DetectorConfig, DetectorSettings
-from softclip.extract.legacy import clip_boxes_legacy, decode_boxes, image_to_tensor, resize_image
-from softclip.extract.modules import (
+from softclip.extract.detector.config import DetectorConfig, DetectorSettings
+from softclip.extract.detector.legacy import clip_boxes_legacy, decode_boxes, image_to_tensor, resize_image
+from softclip.extract.detector.modules import (
     AttributeHead,
     AttributePredictor,
     RegionProposalNetwork,
@@ -44,7 +44,7 @@ from softclip.extract.modules import (
     RoIBoxHead,
     _RoIHeads,
 )
-from softclip.extract.postprocess import filter_detections, postprocess_attributes, rpn_proposals
+from softclip.extract.detector.postprocess import filter_detections, postprocess_attributes, rpn_proposals
 from softclip.pipeline.config import config_hash, load_config
 from softclip.pipeline.shards import box_geometry
 

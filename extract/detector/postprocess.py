@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torchvision.ops import box_iou, nms
 
-from softclip.extract.legacy import clip_boxes_legacy, decode_boxes
+from softclip.extract.detector.legacy import clip_boxes_legacy, decode_boxes
 
 __all__ = [
     "best_surviving_class",

@@ -9,7 +9,7 @@ Design (shard-granular, streaming, detector-bound)::
                                                encoded image), then an end-of-shard marker
       -> map_batches(DetectorActor, compute=ActorPoolStrategy(size=N), num_gpus=1 | 0, batch_size=B)
                                                stateful actors: the model loads once per actor; out
-                                               come Arrow tables (extract.actor.feature_batch)
+                                               come Arrow tables (job.actor.feature_batch)
       -> iter_batches on the driver -> ShardAssembler: append row groups to a temporary file per
                                                shard (and, with --pack, each sample to a temporary
                                                packed tar), rename them into place when all its rows
@@ -60,11 +60,11 @@ from typing import Any
 import pyarrow.compute as pc
 from tqdm import tqdm
 
-from softclip.extract.job_config import DEFAULT_LOADER, ExtractConfig
-from softclip.extract.manifest import MANIFEST_NAME, Manifest, source_failure_totals
-from softclip.extract.ray_local import start_local_ray, stop_local_ray
-from softclip.extract.stages import read_shard_rows
-from softclip.extract.writer import ShardAssembler, packed_ok, remove_stale_temporaries, stale_temporaries
+from softclip.extract.job.config import DEFAULT_LOADER, ExtractConfig
+from softclip.extract.job.manifest import MANIFEST_NAME, Manifest, source_failure_totals
+from softclip.extract.job.ray_local import start_local_ray, stop_local_ray
+from softclip.extract.job.stages import read_shard_rows
+from softclip.extract.job.writer import ShardAssembler, packed_ok, remove_stale_temporaries, stale_temporaries
 from softclip.pipeline.config import save_config
 from softclip.pipeline.img2dataset import img2dataset_stats
 from softclip.pipeline.io import file_sha256
@@ -182,7 +182,12 @@ def check_detector_files(cfg: ExtractConfig) -> None:
     """
     if cfg.loader != DEFAULT_LOADER:
         return
-    from softclip.extract.checkpoint import CheckpointError, infer_arch, read_labelmap_for, read_state_dict
+    from softclip.extract.detector.checkpoint import (
+        CheckpointError,
+        infer_arch,
+        read_labelmap_for,
+        read_state_dict,
+    )
 
     arch = infer_arch(read_state_dict(cfg.weights), str(cfg.weights))
     classes, attributes = read_labelmap_for(cfg.weights, cfg.labelmap)
@@ -215,7 +220,7 @@ def stage_worker_package(staging: Path) -> Path:
     Ray names a shipped module after its folder, and the repository folder may have any name, so the
     workers of a joined cluster get a copy whose folder is named ``softclip``.
     """
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]  # the softclip package (this file: extract/job/run.py)
     package = staging / "softclip"
     package.mkdir()
     shutil.copy2(root / "__init__.py", package / "__init__.py")
@@ -246,11 +251,11 @@ def _actor_plan(cfg: ExtractConfig) -> tuple[ExtractConfig, int, float]:
 
 
 class _Detector:
-    """The detector stage as Ray instantiates it in a worker: importing :mod:`extract.actor` (torch, the
+    """The detector stage as Ray instantiates it in a worker: importing :mod:`softclip.extract.job.actor` (torch, the
     detector) happens there, never in the driver."""
 
     def __init__(self, cfg: ExtractConfig):
-        from softclip.extract.actor import DetectorActor
+        from softclip.extract.job.actor import DetectorActor
 
         self.actor = DetectorActor(cfg)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from softclip.extract.vinvl import VinVLDetector
+from softclip.extract.detector.vinvl import VinVLDetector
 from softclip.pipeline.images import ImageDecodeError, decode_image
 
 __all__ = ["evaluate_tags", "load_eval_set", "predicted_tags"]
