@@ -1,10 +1,11 @@
 """Train a detector of the VinVL family on box-annotated img2dataset tars (the shapes world).
 
 Each sample in ``DIR/train/*.tar`` has ``<key>.jpg`` and ``<key>.json`` with ``objects``: ``{"box": [x1, y1,
-x2, y2], "shape", "colour", "size"}``. Classes are the shapes, attributes the colours and sizes. Losses are
-VinVL's (RPN, Fast R-CNN, soft-target attribute cross-entropy weighted 0.5 on positive proposals with the
-ground-truth class embedding). The output folder holds ``model.pth`` (flat ``module.``-prefixed state dict
-in VinVL's layout), ``labelmap.json`` (VinVL format) and ``detector.yaml``, so
+x2, y2], "shape", "colour", "size"}``. Classes are the shapes, attributes the colours and sizes. Each step
+calls the model's own training forward, ``model(*collate(model, samples, flips))``, which returns VinVL's
+losses (:meth:`~softclip.extract.detector.vinvl.VinVLDetector.losses`). The output folder holds
+``model.pth`` (flat ``module.``-prefixed state dict in VinVL's layout), ``labelmap.json`` (VinVL format)
+and ``detector.yaml``, so
 ``VinVLDetector.from_checkpoint(out/"model.pth", out/"labelmap.json", config=out/"detector.yaml")`` loads it.
 """
 
@@ -25,15 +26,13 @@ from tqdm import tqdm
 
 from softclip.extract.detector.checkpoint import BACKGROUND, NO_ATTRIBUTE, write_checkpoint, write_labelmap
 from softclip.extract.detector.config import DetectorConfig
-from softclip.extract.detector.legacy import encode_boxes
-from softclip.extract.detector.losses import attribute_loss, fastrcnn_loss, rpn_loss, sample_proposals
-from softclip.extract.detector.postprocess import rpn_proposals
-from softclip.extract.detector.vinvl import BOX_REG_WEIGHTS, VinVLDetector
+from softclip.extract.detector.vinvl import VinVLDetector
 from softclip.pipeline.config import save_config
 from softclip.pipeline.images import ImageDecodeError, decode_image
 from softclip.pipeline.schedule import cosine_lr
 
-__all__ = ["AnnotatedImage", "load_annotated_tars", "shapes_vocabulary", "train_detector", "training_losses"]
+__all__ = ["AnnotatedImage", "calibrate_frozen_bn", "collate", "load_annotated_tars", "shapes_vocabulary",
+           "train_detector"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,8 +93,10 @@ def load_annotated_tars(data_dir: str | Path, class_names: list[str], attribute_
     return samples
 
 
-def _batch(model: VinVLDetector, samples: list[AnnotatedImage], flips: np.ndarray
-           ) -> tuple[Tensor, list[tuple[int, int]], list[dict[str, Tensor]]]:
+def collate(model: VinVLDetector, samples: list[AnnotatedImage], flips: np.ndarray
+            ) -> tuple[Tensor, list[tuple[int, int]], list[dict[str, Tensor]]]:
+    """``(images, image_sizes, targets)`` for the model's training forward ``model(*collate(...))``: the
+    samples preprocessed as at test time (those with ``flips`` mirrored), boxes scaled to the resized images."""
     images, targets = [], []
     for sample, flip in zip(samples, flips):
         image, boxes = sample.image, sample.boxes.copy()
@@ -134,42 +135,6 @@ def calibrate_frozen_bn(model: VinVLDetector, images: Tensor, sizes: list[tuple[
             hook.remove()
 
 
-def training_losses(model: VinVLDetector, images: Tensor, sizes: list[tuple[int, int]],
-                    targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-    """``loss_objectness``, ``loss_rpn_box_reg``, ``loss_classifier``, ``loss_box_reg``, ``loss_attribute``
-    (already weighted by ``attribute_loss_weight``) for one batch; ``targets`` boxes in resized pixels."""
-    t = model.config.train
-    gt_boxes = [x["boxes"] for x in targets]
-    features = model.backbone.body(images, sizes)
-    objectness, deltas, anchors = model.rpn(features, sizes)
-    loss_objectness, loss_rpn_box_reg = rpn_loss(
-        objectness, deltas, anchors, gt_boxes, fg_iou_thresh=t.rpn_fg_iou_thresh, bg_iou_thresh=t.rpn_bg_iou_thresh,
-        batch_size_per_image=t.rpn_batch_size_per_image, positive_fraction=t.rpn_positive_fraction)
-    with torch.no_grad():
-        proposals = rpn_proposals([o.detach() for o in objectness], [d.detach() for d in deltas], anchors, sizes,
-                                  pre_nms_top_n=t.rpn_pre_nms_top_n, post_nms_top_n=t.rpn_post_nms_top_n,
-                                  nms_thresh=model.settings.rpn_nms_thresh)
-    boxes, labels, matched = sample_proposals(
-        proposals, gt_boxes, [x["labels"] for x in targets], fg_iou_thresh=t.roi_fg_iou_thresh,
-        batch_size_per_image=t.roi_batch_size_per_image, positive_fraction=t.roi_positive_fraction)
-    box_features = model.roi_heads.box.feature_extractor(features, boxes, sizes)
-    predictor = model.roi_heads.box.predictor
-    regression_targets = torch.cat([
-        encode_boxes(g[m], b, BOX_REG_WEIGHTS) if len(g) else torch.zeros_like(b)
-        for g, m, b in zip(gt_boxes, matched, boxes)
-    ])
-    labels_all = torch.cat(labels)
-    loss_classifier, loss_box_reg = fastrcnn_loss(predictor.cls_score(box_features), predictor.bbox_pred(box_features),
-                                                  labels_all, regression_targets)
-    attributes = torch.cat([x["attributes"][m] if len(x["labels"]) else torch.zeros(len(m), 2, dtype=torch.long)
-                            for x, m in zip(targets, matched)])
-    pos = labels_all > 0
-    attr_logits = model.attribute.predictor(box_features[pos], labels_all[pos])
-    return {"loss_objectness": loss_objectness, "loss_rpn_box_reg": loss_rpn_box_reg,
-            "loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg,
-            "loss_attribute": t.attribute_loss_weight * attribute_loss(attr_logits, attributes[pos])}
-
-
 def train_detector(cfg: DetectorConfig, data_dir: str | Path, out_dir: str | Path, *,
                    progress: bool = True) -> dict:
     """Train on ``data_dir/train/*.tar`` and write ``model.pth``, ``labelmap.json``, ``detector.yaml``.
@@ -197,7 +162,7 @@ def _train(cfg: DetectorConfig, data_dir: str | Path, out_dir: str | Path, progr
     model = VinVLDetector(cfg, class_names=class_names, attribute_names=attribute_names).train()
     start = time.perf_counter()
     first = [samples[i] for i in rng.choice(len(samples), min(len(samples), 4 * t.batch_size), replace=False)]
-    images, sizes, targets = _batch(model, first, np.zeros(len(first), bool))
+    images, sizes, targets = collate(model, first, np.zeros(len(first), bool))
     calibrate_frozen_bn(model, images, sizes, [x["boxes"] for x in targets])
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.lr,
                                   weight_decay=t.weight_decay)
@@ -207,7 +172,7 @@ def _train(cfg: DetectorConfig, data_dir: str | Path, out_dir: str | Path, progr
             group["lr"] = cosine_lr(step, base_lr=t.lr, warmup_steps=t.warmup_steps, total_steps=t.steps)
         chosen = [samples[i] for i in rng.integers(0, len(samples), t.batch_size)]
         flips = rng.random(t.batch_size) < 0.5 if t.hflip else np.zeros(t.batch_size, bool)
-        losses = training_losses(model, *_batch(model, chosen, flips))
+        losses = model(*collate(model, chosen, flips))
         total = sum(losses.values())
         if not torch.isfinite(total):
             raise FloatingPointError(f"non-finite detector loss at step {step}: "

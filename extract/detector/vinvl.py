@@ -35,7 +35,14 @@ from softclip.extract.detector.checkpoint import (
     read_state_dict,
 )
 from softclip.extract.detector.config import DetectorConfig, DetectorSettings
-from softclip.extract.detector.legacy import clip_boxes_legacy, decode_boxes, image_to_tensor, resize_image
+from softclip.extract.detector.legacy import (
+    clip_boxes_legacy,
+    decode_boxes,
+    encode_boxes,
+    image_to_tensor,
+    resize_image,
+)
+from softclip.extract.detector.losses import attribute_loss, fastrcnn_loss, rpn_loss, sample_proposals
 from softclip.extract.detector.modules import (
     AttributeHead,
     AttributePredictor,
@@ -279,10 +286,16 @@ class VinVLDetector(nn.Module):
         return postprocess_attributes(logits, threshold=self.settings.attr_thresh,
                                       top_k=self.settings.max_attr_per_obj)
 
-    def forward(self, images: Tensor, image_sizes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
+    def forward(self, images: Tensor, image_sizes: list[tuple[int, int]],
+                targets: list[dict[str, Tensor]] | None = None) -> list[dict[str, Tensor]] | dict[str, Tensor]:
         """Detections per image (boxes in the resized image): ``boxes [K, 4]``, ``labels``, ``scores``,
-        ``features [K, D]`` (of the proposal each detection came from), ``attr_labels``, ``attr_scores``."""
+        ``features [K, D]`` (of the proposal each detection came from), ``attr_labels``, ``attr_scores``.
+
+        Given ``targets`` (training, as torchvision's detectors), the loss dict of :meth:`losses` instead.
+        """
         features = self.backbone.body(images, image_sizes)
+        if targets is not None:
+            return self.losses(features, image_sizes, targets)
         proposals = self.propose(features, image_sizes)
         box_features, scores, boxes = self.box_head(features, proposals, image_sizes)
         detections = self.postprocess_detections(proposals, scores, boxes)
@@ -293,6 +306,40 @@ class VinVLDetector(nn.Module):
              "attr_labels": al, "attr_scores": sc}
             for d, al, sc in zip(detections, attr_labels.split(counts), attr_scores.split(counts))
         ]
+
+    def losses(self, features: Tensor, image_sizes: list[tuple[int, int]], targets: list[dict[str, Tensor]]
+               ) -> dict[str, Tensor]:
+        """VinVL's training losses on the body's ``features``: ``loss_objectness``, ``loss_rpn_box_reg`` (RPN),
+        ``loss_classifier``, ``loss_box_reg`` (Fast R-CNN on sampled proposals) and ``loss_attribute``
+        (positives, ground-truth class embedding; weighted by ``train.attribute_loss_weight``). ``targets``
+        per image: ``boxes [G, 4]`` (resized pixels), ``labels [G]``, ``attributes [G, k]`` (0-padded)."""
+        t, box = self.config.train, self.roi_heads.box
+        gt_boxes = [x["boxes"] for x in targets]
+        objectness, deltas, anchors = self.rpn(features, image_sizes)
+        loss_objectness, loss_rpn_box_reg = rpn_loss(
+            objectness, deltas, anchors, gt_boxes, fg_iou_thresh=t.rpn_fg_iou_thresh, bg_iou_thresh=t.rpn_bg_iou_thresh,
+            batch_size_per_image=t.rpn_batch_size_per_image, positive_fraction=t.rpn_positive_fraction)
+        with torch.no_grad():
+            proposals = rpn_proposals([o.detach() for o in objectness], [d.detach() for d in deltas], anchors,
+                                      image_sizes, pre_nms_top_n=t.rpn_pre_nms_top_n,
+                                      post_nms_top_n=t.rpn_post_nms_top_n, nms_thresh=self.settings.rpn_nms_thresh)
+        boxes, labels, matched = sample_proposals(
+            proposals, gt_boxes, [x["labels"] for x in targets], fg_iou_thresh=t.roi_fg_iou_thresh,
+            batch_size_per_image=t.roi_batch_size_per_image, positive_fraction=t.roi_positive_fraction)
+        box_features = box.feature_extractor(features, boxes, image_sizes)
+        regression_targets = torch.cat([encode_boxes(g[m], b, BOX_REG_WEIGHTS) if len(g) else torch.zeros_like(b)
+                                        for g, m, b in zip(gt_boxes, matched, boxes)])
+        labels_all = torch.cat(labels)
+        loss_classifier, loss_box_reg = fastrcnn_loss(box.predictor.cls_score(box_features),
+                                                      box.predictor.bbox_pred(box_features), labels_all,
+                                                      regression_targets)
+        attributes = torch.cat([x["attributes"][m] if len(x["labels"]) else x["attributes"].new_zeros(
+            len(m), x["attributes"].shape[1]) for x, m in zip(targets, matched)])
+        pos = labels_all > 0
+        attr_logits = self.attribute.predictor(box_features[pos], labels_all[pos])
+        return {"loss_objectness": loss_objectness, "loss_rpn_box_reg": loss_rpn_box_reg,
+                "loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg,
+                "loss_attribute": t.attribute_loss_weight * attribute_loss(attr_logits, attributes[pos])}
 
     # ------------------------------------------------------------------ public entry point
     def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
