@@ -3,6 +3,8 @@ VinVL's loss dict, the same values the losses give when composed from the model'
 
 from __future__ import annotations
 
+import io
+import tarfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -117,3 +119,43 @@ def test_without_targets_the_forward_detects(samples) -> None:
     with torch.no_grad():
         out = model(images, sizes)
     assert len(out) == 2 and {"boxes", "labels", "scores", "features", "attr_labels", "attr_scores"} <= set(out[0])
+
+
+def _copy_world(src: Path, dst: Path) -> Path:
+    (dst / "train").mkdir(parents=True)
+    for tar in (src / "train").glob("*.tar"):
+        (dst / "train" / tar.name).write_bytes(tar.read_bytes())
+    return dst
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    data = tmp_path_factory.mktemp("world")
+    generate(data, ShapesConfig(num_train=6, num_retrieval=0, num_classification_per_class=0, samples_per_shard=3,
+                                seed=6), progress=False)
+    return data
+
+
+def test_a_truncated_training_shard_is_a_value_error_naming_it(world, tmp_path) -> None:
+    data = _copy_world(world, tmp_path)
+    shard = sorted((data / "train").glob("*.tar"))[1]
+    shard.write_bytes(shard.read_bytes()[:2000])  # inside the first sample's image
+    with pytest.raises(ValueError, match=shard.name):
+        load_annotated_tars(data, *shapes_vocabulary())
+
+
+def test_a_duplicate_key_in_a_training_shard_is_a_value_error(world, tmp_path) -> None:
+    data = _copy_world(world, tmp_path)
+    shard = sorted((data / "train").glob("*.tar"))[0]
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar if m.isfile()]
+    with tarfile.open(shard, "w") as tar:
+        for member, payload in members + members[:2]:  # the first sample's members again at the end
+            tar.addfile(member, io.BytesIO(payload))
+    with pytest.raises(ValueError, match="duplicate_key"):
+        load_annotated_tars(data, *shapes_vocabulary())
+
+
+def test_every_annotated_sample_is_read(world) -> None:
+    samples = load_annotated_tars(world, *shapes_vocabulary())
+    assert len(samples) == 6 and all(s.image.mode == "RGB" and len(s.boxes) == len(s.labels) >= 1 for s in samples)

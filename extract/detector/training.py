@@ -11,8 +11,6 @@ and ``detector.yaml``, so
 
 from __future__ import annotations
 
-import json
-import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +28,7 @@ from softclip.extract.detector.vinvl import VinVLDetector
 from softclip.pipeline.config import save_config
 from softclip.pipeline.images import ImageDecodeError, decode_image
 from softclip.pipeline.schedule import cosine_lr
+from softclip.pipeline.sources import open_source
 
 __all__ = ["AnnotatedImage", "calibrate_frozen_bn", "collate", "load_annotated_tars", "shapes_vocabulary",
            "train_detector"]
@@ -69,27 +68,29 @@ def annotate(image: Image.Image, objects: list[dict], class_names: list[str], at
 
 def load_annotated_tars(data_dir: str | Path, class_names: list[str], attribute_names: list[str]
                         ) -> list[AnnotatedImage]:
-    """Every annotated sample of ``data_dir/train/*.tar`` (decoded through ``decode_image``)."""
-    tars = sorted((Path(data_dir) / "train").glob("*.tar"))
-    if not tars:
-        raise FileNotFoundError(f"no training shards {Path(data_dir) / 'train'}/*.tar; generate them first "
+    """Every annotated sample of ``data_dir/train/*.tar``, in storage order, read through
+    :func:`softclip.pipeline.sources.open_source` (the project's hardened tar reader) and decoded through
+    ``decode_image``. Samples whose json has no ``objects`` list are not annotated and are left out; a
+    sample the reader reports as broken (truncated, duplicate key, unreadable json, ...) or whose image does
+    not decode is a ``ValueError`` naming the shard and key."""
+    train = Path(data_dir) / "train"
+    if not any(train.glob("*.tar")):
+        raise FileNotFoundError(f"no training shards {train}/*.tar; generate them first "
                                 "(softclip shapes generate) or give the dataset folder with --data")
+    source = open_source(train)
     samples = []
-    for path in tars:
-        members: dict[str, dict[str, bytes]] = {}
-        with tarfile.open(path) as tar:
-            for info in tar:
-                if info.isfile() and "." in info.name:
-                    key, ext = info.name.split(".", 1)
-                    members.setdefault(key, {})[ext] = tar.extractfile(info).read()
-        for key, files in sorted(members.items()):
-            if "jpg" in files and "json" in files:
-                try:
-                    meta, image = json.loads(files["json"]), decode_image(files["jpg"])
-                except (json.JSONDecodeError, ImageDecodeError) as err:
-                    raise ValueError(f"{path}:{key}: unreadable training sample ({err})") from err
-                samples.append(annotate(image, meta.get("objects", []), class_names, attribute_names,
-                                        f"{path}:{key}"))
+    for shard in source.shards:
+        for sample in source.iter_shard(shard):
+            where = f"{shard.path}:{sample.key}"
+            if sample.error:
+                raise ValueError(f"{where}: unreadable training sample ({sample.error}); re-create this shard")
+            if sample.image is None or not isinstance(sample.meta.get("objects"), list):
+                continue
+            try:
+                image = decode_image(sample.image)
+            except ImageDecodeError as err:
+                raise ValueError(f"{where}: unreadable training sample ({err})") from err
+            samples.append(annotate(image, sample.meta["objects"], class_names, attribute_names, where))
     return samples
 
 
