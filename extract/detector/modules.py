@@ -179,7 +179,8 @@ class RPNHead(nn.Module):
 
 
 class RegionProposalNetwork(nn.Module):
-    """Single-level RPN on C4: anchor generator + head; proposals are made in :mod:`softclip.extract.detector.postprocess`."""
+    """Single-level RPN on C4: anchor generator + head; proposals are made in
+    :mod:`softclip.extract.detector.postprocess`."""
 
     def __init__(self, arch: DetectorArch, *, anchor_generator: CellAnchorGenerator | None = None,
                  head: RPNHead | None = None):

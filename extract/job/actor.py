@@ -70,7 +70,7 @@ def detection_to_record(det: dict[str, Any], *, key: str, shard: str, width: int
     Args:
         det: ``boxes [n, 4]`` (x1, y1, x2, y2, original pixels), ``geometry [n, 6]``, ``features [n, D]``,
             ``labels [n]``, ``scores [n]``, ``class_names``, ``attr_labels [n, k]``, ``attr_scores [n, k]``,
-            ``attr_names`` (per box) and ``tags`` (see :meth:`softclip.extract.detector.vinvl.VinVLDetector.detect`).
+            ``attr_names`` (per box) and ``tags`` (see :meth:`~softclip.extract.detector.vinvl.VinVLDetector.detect`).
     """
     scores = np.asarray(det["scores"], np.float32).reshape(-1)
     order = np.argsort(-scores, kind="stable")[:max_boxes]
@@ -118,7 +118,7 @@ def _actor_device(cfg: ExtractConfig) -> str:
 class DetectorActor:
     """Ray Data callable class: decoded rows in, feature rows out (see the module docstring).
 
-    Example (no Ray needed; ``batch`` holds the columns :data:`softclip.extract.job.stages.ROW_COLUMNS` of rows from
+    Example (no Ray needed; ``batch`` holds the columns :data:`~softclip.extract.job.stages.ROW_COLUMNS` of rows from
     :func:`softclip.extract.job.stages.read_shard_rows`, as ``map_batches`` hands them over)::
 
         features = DetectorActor(cfg)(batch)  # an Arrow table, see feature_batch
