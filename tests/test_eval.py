@@ -75,7 +75,7 @@ def test_loader_needs_an_architecture_name(tmp_path):
 def test_truncated_checkpoint_is_named(tmp_path):
     path = _save_tiny(tmp_path / "x.pt", name="softclip-test-tiny-a", seed=0)
     path.write_bytes(path.read_bytes()[:1000])
-    with pytest.raises(ValueError, match=r"x.pt: not a readable torch checkpoint"):
+    with pytest.raises(ValueError, match=r"x.pt: cannot read the checkpoint"):
         load_open_clip_checkpoint(path)
 
 
