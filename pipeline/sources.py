@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 from softclip.pipeline.shards import shard_name
 
 __all__ = ["DEFAULT_MAX_CAPTION_CHARS", "DEFAULT_MAX_MEMBER_BYTES", "IMAGE_EXTENSIONS", "SAMPLE_ERROR_REASONS",
-           "Sample", "Source", "SourceError", "SourceShard", "open_source"]
+           "Sample", "Source", "SourceError", "SourceShard", "expand_shard_spec", "open_source"]
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
 CAPTION_FILES = ("captions.parquet", "captions.jsonl", "captions.csv")
@@ -375,6 +375,47 @@ def _folder_source(spec: str, captions_path: Path, image_root: Path, samples_per
     return Source(spec=spec, kind="folder", shards=shards, _captions=captions, _image_root=image_root, **limits)
 
 
+def expand_shard_spec(spec: str | Path, suffix: str = "tar", *, hint: str = "") -> list[Path]:
+    """The shard files of ``spec``: a brace pattern (``cc3m/{00000..00331}.tar``, in its order), a directory
+    (its ``*.suffix`` files, sorted) or one file.
+
+    Raises:
+        SourceError: a file is missing, or a directory holds no ``*.suffix`` file; the message names the
+            spec, the first missing file and ends with ``hint`` (what to check).
+    """
+    spec = str(spec)
+    path = Path(spec)
+    end = f"; {hint}" if hint else ""
+    if "{" in spec:
+        paths = [Path(p) for p in braceexpand.braceexpand(spec)]
+        missing = [p for p in paths if not p.is_file()]
+        if missing:
+            raise SourceError(f"{spec}: {len(missing)} of {len(paths)} shards are missing, e.g. {missing[0]}{end}")
+        return paths
+    if path.is_dir():
+        paths = sorted(path.glob(f"*.{suffix}"))
+        if not paths:
+            raise SourceError(f"{spec}: no *.{suffix} shards in this directory{end}")
+        return paths
+    if not path.is_file():
+        raise SourceError(f"{spec}: no such file or directory of .{suffix} shards{end}")
+    return [path]
+
+
+def _untarred_source(spec: str, path: Path, samples_per_shard: int, limits: dict[str, int]) -> Source:
+    """A directory without tars: an image folder with a captions file, or img2dataset's other formats."""
+    for name in CAPTION_FILES:
+        if (path / name).is_file():
+            return _folder_source(spec, path / name, path, samples_per_shard, limits)
+    found = _img2dataset_source(spec, path, limits)
+    if found is not None:
+        return found
+    raise SourceError(f"{spec}: no *.tar shards, no NNNNN.parquet with an image column, no NNNNN/ shard "
+                      f"folders and no {' / '.join(CAPTION_FILES)} in this directory; expected an "
+                      "img2dataset output folder (webdataset, parquet or files format) or an image folder "
+                      "with a captions file")
+
+
 def open_source(spec: str | Path, *, samples_per_shard: int = 10_000,
                 max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
                 max_caption_chars: int = DEFAULT_MAX_CAPTION_CHARS) -> Source:
@@ -391,27 +432,10 @@ def open_source(spec: str | Path, *, samples_per_shard: int = 10_000,
     limits = {"max_member_bytes": max_member_bytes, "max_caption_chars": max_caption_chars}
     spec = str(spec)
     path = Path(spec)
-    if "{" in spec:
-        paths = [Path(p) for p in braceexpand.braceexpand(spec)]
-        missing = [p for p in paths if not p.is_file()]
-        if missing:
-            raise SourceError(f"{spec}: {len(missing)} of {len(paths)} shards are missing, e.g. {missing[0]}")
-        tars = paths
-    elif path.is_dir():
-        tars = sorted(path.glob("*.tar"))
-        if not tars:
-            for name in CAPTION_FILES:
-                if (path / name).is_file():
-                    return _folder_source(spec, path / name, path, samples_per_shard, limits)
-            found = _img2dataset_source(spec, path, limits)
-            if found is not None:
-                return found
-            raise SourceError(f"{spec}: no *.tar shards, no NNNNN.parquet with an image column, no NNNNN/ shard "
-                              f"folders and no {' / '.join(CAPTION_FILES)} in this directory; expected an "
-                              "img2dataset output folder (webdataset, parquet or files format) or an image folder "
-                              "with a captions file")
-    elif path.is_file() and path.suffix == ".tar":
-        tars = [path]
+    if path.is_dir() and "{" not in spec and not any(path.glob("*.tar")):
+        return _untarred_source(spec, path, samples_per_shard, limits)
+    if "{" in spec or path.is_dir() or (path.is_file() and path.suffix == ".tar"):
+        tars = expand_shard_spec(spec)
     elif path.is_file() and path.suffix in (".csv", ".jsonl", ".parquet"):
         return _folder_source(spec, path, path.parent, samples_per_shard, limits)
     else:

@@ -19,8 +19,9 @@ from softclip.pipeline.annotation_features import (
 )
 from softclip.pipeline.packed import ROI_MEMBER, read_packed_sample
 from softclip.pipeline.shards import read_feature_table
+from softclip.pipeline.sources import SourceError, expand_shard_spec
 from softclip.train.config import DataConfig, ModelConfig
-from softclip.train.data import TrainData, count_samples, expand_shards, tagset_ids
+from softclip.train.data import TrainData, count_samples, tagset_ids
 from softclip.train.model import build_model
 
 
@@ -64,7 +65,7 @@ def test_annotation_features(packed, shapes_world):
     np.testing.assert_allclose(feats[0, :48].reshape(4, 4, 3)[..., 0], 1.0)
     np.testing.assert_allclose(feats[0, 48 + 7], 1.0)  # all of R in the top bin
     np.testing.assert_allclose(feats[0, 48 + 8], 1.0)  # all of G in the bottom bin
-    assert count_samples(expand_shards(str(packed), "tar")) == 120 == count_samples(expand_shards(str(packed), "parquet"))
+    assert count_samples(expand_shard_spec(packed)) == 120 == count_samples(expand_shard_spec(packed, "parquet"))
 
 
 def test_packed_and_parquet_routes_give_the_same_batches(packed, shapes_world, transforms):
@@ -188,5 +189,5 @@ def test_wrong_feature_dim_and_missing_shards_are_explained(packed, transforms, 
                      tokenizer=tokenizer, feature_dim=2048)
     with pytest.raises(ValueError, match="model.roi_feature_dim=72"):
         next(data.epoch_batches(0))
-    with pytest.raises(FileNotFoundError, match="data.train_shards"):
+    with pytest.raises(SourceError, match="no such file or directory of .tar shards; check data.train_shards"):
         _data(transforms, tmp_path / "nothing")

@@ -32,7 +32,6 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
-import braceexpand
 import numpy as np
 import pyarrow.parquet as pq
 import torch
@@ -42,12 +41,13 @@ from webdataset.tariterators import tarfile_samples
 from softclip.pipeline.images import ImageDecodeError, decode_image
 from softclip.pipeline.packed import read_packed_sample
 from softclip.pipeline.shards import ragged_column, read_feature_table
-from softclip.pipeline.sources import open_source
+from softclip.pipeline.sources import expand_shard_spec, open_source
 from softclip.train.config import DataConfig, resolve_data_path
 
-__all__ = ["ERROR_KINDS", "TrainData", "count_samples", "expand_shards", "tagset_ids"]
+__all__ = ["ERROR_KINDS", "TrainData", "count_samples", "tagset_ids"]
 
 ERROR_KINDS = ("bad_member", "bad_sample", "error_row", "bad_image", "unmatched")
+_SHARDS_HINT = "check data.train_shards (relative paths are under data.root)"
 _PARQUET_COLUMNS = ["key", "status", "caption", "tags", "roi_features", "geometry", "scores"]
 
 
@@ -86,23 +86,6 @@ def tagset_ids(tags: str) -> list[int]:
             features.add("p:" + " ".join(words))
             features.update("w:" + word for word in words)
     return sorted(zlib.crc32(f.encode()) for f in features)
-
-
-def expand_shards(spec: str, suffix: str) -> list[Path]:
-    """Shard files of ``spec``: a directory (its ``*.suffix`` files, sorted), a brace pattern, or one file."""
-    path = Path(spec)
-    if "{" in spec:
-        paths = [Path(p) for p in braceexpand.braceexpand(spec)]
-    elif path.is_dir():
-        paths = sorted(path.glob(f"*.{suffix}"))
-    else:
-        paths = [path]
-    missing = [p for p in paths if not p.is_file()]
-    if not paths or missing:
-        raise FileNotFoundError(f"{spec}: no .{suffix} training shards found"
-                                + (f" ({len(missing)} missing, e.g. {missing[0]})" if missing else "")
-                                + "; check data.root / data.train_shards")
-    return paths
 
 
 def count_samples(paths: list[Path]) -> int:
@@ -165,10 +148,10 @@ class TrainData:
         self.batch_size = cfg.batch_size // world_size
         self.num_workers = max(cfg.num_workers, 1)
         suffix = "tar" if cfg.format == "webdataset" else "parquet"
-        self.shards = expand_shards(resolve_data_path(cfg.root, cfg.train_shards), suffix)
+        self.shards = expand_shard_spec(resolve_data_path(cfg.root, cfg.train_shards), suffix, hint=_SHARDS_HINT)
         self.sources: dict[str, Path] = {}
         if cfg.format == "parquet":
-            tars = expand_shards(resolve_data_path(cfg.root, cfg.source_shards), "tar")
+            tars = expand_shard_spec(resolve_data_path(cfg.root, cfg.source_shards), hint=_SHARDS_HINT)
             self.sources = {p.name.removesuffix(".tar"): p for p in tars}
         self.shard_sizes = [count_samples([path]) for path in self.shards]
         total = min(sum(self.shard_sizes), cfg.num_samples or sum(self.shard_sizes))
