@@ -54,16 +54,13 @@ class ModelConfig:
 class DataConfig:
     """Where the training shards are and how they are batched.
 
-    ``format="webdataset"``: ``train_shards`` are packed shards (image + features per key).
-    ``format="parquet"``: ``train_shards`` are Parquet feature shards ``NNNNN.parquet`` joined by key with the
-    source tars ``NNNNN.tar`` of ``source_shards``. Relative paths are taken under ``root`` (environment
-    variables such as ``$DATA_ROOT`` are expanded). Shards are given as a directory, a brace pattern or a file.
+    ``train_shards`` are packed shards (image + features per key, :mod:`softclip.pipeline.packed`), given as a
+    directory, a brace pattern or a file. Relative paths are taken under ``root`` (environment variables such
+    as ``$DATA_ROOT`` are expanded).
     """
 
-    format: Literal["webdataset", "parquet"] = "webdataset"
     root: str = "."
     train_shards: str
-    source_shards: str = ""  # only for format=parquet
     batch_size: int = 256  # global batch: split evenly across ranks
     num_workers: int = 4  # DataLoader workers per rank
     max_boxes: int = 50  # boxes kept per image (highest scores first); the rest is padding
@@ -79,8 +76,6 @@ class DataConfig:
                              "data.num_workers non-negative")
         if self.threads < 0:
             raise ValueError(f"data.threads must be non-negative (0: derived from the cores), got {self.threads}")
-        if self.format == "parquet" and not self.source_shards:
-            raise ValueError("data.format=parquet needs data.source_shards (the image tars to join by key)")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)

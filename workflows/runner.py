@@ -249,7 +249,7 @@ class WorkflowRunner:
     def _train(self, extract: StageRecord, step: TrainStep) -> StageRecord:
         from softclip.train.config import TrainConfig
 
-        managed = {"run_dir": "", "data.format": "webdataset", "data.root": extract.outputs["packed"],
+        managed = {"run_dir": "", "data.root": extract.outputs["packed"],
                    "data.train_shards": ".", "model.roi_feature_dim": extract.outputs.get("feature_dim", 1)}  # not in the key
         cfg, settings = _stage_config(TrainConfig, _project_file(step.config), managed, step.overrides)
         settings["data"].pop("num_workers", None)  # execution only, like logging: not in the key
