@@ -15,6 +15,8 @@ import re
 from pathlib import Path
 from typing import Literal
 
+from softclip.pipeline.precision import Precision
+
 __all__ = [
     "DataConfig",
     "LogConfig",
@@ -129,7 +131,7 @@ class OptimConfig:
     epochs: int = 32
     max_steps: int = 0  # stop after this many steps (0: run all epochs)
     grad_clip_norm: float = 1.0  # 0 disables clipping
-    precision: Literal["fp32", "bf16"] = "bf16"  # bf16 autocast on CUDA; CPU always runs fp32
+    precision: Precision = "bf16"  # autocast on CUDA (pipeline.precision); CPU always runs fp32; fp16 is refused
     # A step with a non-finite loss or gradient never updates the weights (skipped on the device); at the
     # next log step training stops with advice, or with skip_nonfinite goes on and logs the count.
     skip_nonfinite: bool = False
@@ -140,6 +142,9 @@ class OptimConfig:
                              "non-negative, optim.epochs at least 1")
         if self.max_steps < 0 or self.grad_clip_norm < 0:
             raise ValueError("optim.max_steps and optim.grad_clip_norm must be non-negative")
+        if self.precision == "fp16":
+            raise ValueError("optim.precision=fp16 needs loss scaling, which training does not do; use bf16 "
+                             "(or fp32)")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)

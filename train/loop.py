@@ -22,6 +22,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from softclip.pipeline.config import from_dict, save_config, to_dict
+from softclip.pipeline.precision import autocast
 from softclip.pipeline.schedule import cosine_lr
 from softclip.train.checkpoint import (
     capture_rng,
@@ -185,8 +186,7 @@ def train_step(model, loss_fn: SoftCLIPLoss, optimizer, batch: dict, cfg: TrainC
     if "roi" in needed:
         inputs |= {k: batch[k] for k in ("roi_features", "roi_geometry", "roi_mask")}
     inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
-    use_bf16 = device.type == "cuda" and cfg.optim.precision == "bf16"
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+    with autocast(device, cfg.optim.precision):
         out = model(inputs.pop("images"), inputs.pop("texts"), **inputs)
     losses = loss_fn(out["image"], out["text"], out["logit_scale"], _teacher_views(out, batch, needed, device),
                      soft_scale=soft_scale)
