@@ -80,5 +80,6 @@ def load_weights_only(path: str | Path, *, mmap: bool = False, hint: str = "use 
         raise  # the file system's error (permissions, I/O), not the file's bytes
     except Exception as err:  # noqa: BLE001 - damaged bytes raise anything from IndexError to UnpicklingError
         detail = " ".join(str(err).split())[:200]
-        raise CorruptCheckpointError(f"{path}: cannot read the checkpoint, the file is truncated or not a torch "
-                                     f"checkpoint ({type(err).__name__}: {detail}); {hint}") from err
+        raise CorruptCheckpointError(f"{path}: cannot read the checkpoint: it is truncated, not written by torch.save, "
+                                     "or holds objects a weights-only load refuses "
+                                     f"({type(err).__name__}: {detail}); {hint}") from err
