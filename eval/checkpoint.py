@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from softclip.train.checkpoint import verify_checkpoint
+from softclip.pipeline.torchio import load_weights_only
 
 __all__ = ["LoadedModel", "load_open_clip_checkpoint", "read_checkpoint_metadata", "register_model_config"]
 
@@ -36,17 +36,9 @@ class LoadedModel:
 
 
 def read_checkpoint_metadata(path: str | Path) -> dict[str, Any]:
-    """The checkpoint's ``model_name``, ``model_config`` and ``step`` (any may be absent), read memory-mapped
-    after checking the file against its checksum sidecar, if it has one (CorruptCheckpointError otherwise)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist; pass the path of a saved .pt file")
-    verify_checkpoint(path)  # a training checkpoint's .sha256 sidecar, when it has one
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # noqa: BLE001 - damaged bytes raise anything from IndexError to UnpicklingError
-        raise ValueError(f"{path}: not a readable torch checkpoint (truncated or not saved by torch.save?): "
-                         f"{type(err).__name__}: {' '.join(str(err).split())[:200]}") from err
+    """The checkpoint's ``model_name``, ``model_config`` and ``step`` (any may be absent), read memory-mapped by
+    :func:`softclip.pipeline.torchio.load_weights_only` (a damaged file: CorruptCheckpointError naming it)."""
+    checkpoint = load_weights_only(path, mmap=True, hint="pass the path of a checkpoint saved by torch.save")
     if not isinstance(checkpoint, dict):
         raise ValueError(f"{path}: expected a dict (a state dict or {{'state_dict': ...}}), got {type(checkpoint)}")
     return {key: checkpoint[key] for key in ("model_name", "model_config", "step") if key in checkpoint}

@@ -6,7 +6,6 @@ This is the only eval module that runs a model; the metrics in :mod:`eval.zerosh
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Sequence
 
 import torch
@@ -15,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from softclip.eval.zeroshot import classifier_from_template_embeddings
+from softclip.pipeline.precision import autocast
 
 __all__ = ["encode_images", "encode_texts", "pick_device", "zero_shot_classifier"]
 
@@ -29,17 +29,10 @@ def pick_device(name: str = "auto") -> torch.device:
     return device
 
 
-def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
-    # bf16 autocast on CUDA only; on CPU the model runs in float32 (amp has no effect there).
-    if amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 @torch.inference_mode()
 def encode_images(
     model: torch.nn.Module, dataset: Dataset, *, batch_size: int, num_workers: int = 0,
-    device: torch.device, amp: bool = True, desc: str = "images",
+    device: torch.device, precision: str = "bf16", desc: str = "images",
 ) -> torch.Tensor:
     """Embed every item of ``dataset`` (preprocessed image tensors) in order.
 
@@ -52,7 +45,7 @@ def encode_images(
     )
     out = []
     for images in tqdm(loader, desc=desc, unit="batch", leave=False):
-        with _autocast(device, amp):
+        with autocast(device, precision):
             features = model.encode_image(images.to(device, non_blocking=True))
         out.append(F.normalize(features.float(), dim=-1).cpu())
     return torch.cat(out)
@@ -61,7 +54,7 @@ def encode_images(
 @torch.inference_mode()
 def encode_texts(
     model: torch.nn.Module, tokenizer: Callable[[list[str]], torch.Tensor], texts: Sequence[str], *,
-    batch_size: int, device: torch.device, amp: bool = True, desc: str = "texts",
+    batch_size: int, device: torch.device, precision: str = "bf16", desc: str = "texts",
 ) -> torch.Tensor:
     """Tokenize and embed ``texts`` in batches of ``batch_size``.
 
@@ -71,7 +64,7 @@ def encode_texts(
     out = []
     for start in tqdm(range(0, len(texts), batch_size), desc=desc, unit="batch", leave=False):
         tokens = tokenizer(list(texts[start : start + batch_size])).to(device)
-        with _autocast(device, amp):
+        with autocast(device, precision):
             features = model.encode_text(tokens)
         out.append(F.normalize(features.float(), dim=-1).cpu())
     return torch.cat(out)
@@ -79,11 +72,11 @@ def encode_texts(
 
 def zero_shot_classifier(
     model: torch.nn.Module, tokenizer: Callable[[list[str]], torch.Tensor], classnames: Sequence[str],
-    templates: Sequence[str], *, batch_size: int, device: torch.device, amp: bool = True,
+    templates: Sequence[str], *, batch_size: int, device: torch.device, precision: str = "bf16",
 ) -> torch.Tensor:
     """Classifier rows ``Tensor[C, D]``: every template (a string with ``{}``) filled with every class name,
     embedded, then reduced by :func:`eval.zeroshot.classifier_from_template_embeddings`."""
     prompts = [template.replace("{}", name) for name in classnames for template in templates]
-    embeddings = encode_texts(model, tokenizer, prompts, batch_size=batch_size, device=device, amp=amp,
+    embeddings = encode_texts(model, tokenizer, prompts, batch_size=batch_size, device=device, precision=precision,
                               desc="class prompts")
     return classifier_from_template_embeddings(embeddings.view(len(classnames), len(templates), -1))

@@ -47,6 +47,7 @@ from softclip.eval.retrieval import chance_recall, retrieval_metrics
 from softclip.eval.zeroshot import TIE_POLICIES, chance_accuracy, classification_metrics
 from softclip.pipeline.config import save_config, to_dict
 from softclip.pipeline.io import atomic_write_json, file_sha256
+from softclip.pipeline.precision import Precision, effective_precision
 
 __all__ = ["EvalConfig", "checkpoint_labels", "evaluate_model", "run_eval"]
 
@@ -69,7 +70,7 @@ class EvalConfig:
         batch_size: images or texts per forward pass.
         num_workers: DataLoader processes decoding images.
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda[:N]``.
-        amp: bf16 autocast on CUDA (no effect on CPU).
+        precision: ``fp32``, ``bf16`` or ``fp16`` autocast on CUDA (:mod:`pipeline.precision`; CPU runs fp32).
         split: the Karpathy split evaluated for retrieval tasks.
         ties: ``clip_benchmark`` (its numbers, ties broken by index as ``torch.topk`` does) or ``strict``
             (a tie counts against the query); see :mod:`eval.zeroshot` and :mod:`eval.retrieval`.
@@ -90,7 +91,7 @@ class EvalConfig:
     batch_size: int = 64
     num_workers: int = 2
     device: str = "auto"
-    amp: bool = True
+    precision: Precision = "bf16"
     split: str = "test"
     ties: str = "clip_benchmark"
     tensorboard: bool = True
@@ -133,18 +134,18 @@ def checkpoint_labels(checkpoints: tuple[Path, ...]) -> list[str]:
 def _evaluate_classification(loaded: LoadedModel, data: ClassificationSet, cfg: EvalConfig,
                              device: torch.device) -> dict[str, float | None]:
     classifier = zero_shot_classifier(loaded.model, loaded.tokenizer, data.classnames, data.templates,
-                                      batch_size=cfg.batch_size, device=device, amp=cfg.amp)
+                                      batch_size=cfg.batch_size, device=device, precision=cfg.precision)
     images = encode_images(loaded.model, ImageFiles(data.files, loaded.preprocess), batch_size=cfg.batch_size,
-                           num_workers=cfg.num_workers, device=device, amp=cfg.amp, desc=f"{data.name} images")
+                           num_workers=cfg.num_workers, device=device, precision=cfg.precision, desc=f"{data.name} images")
     return classification_metrics(images, classifier, torch.tensor(data.labels), ties=cfg.ties)
 
 
 def _evaluate_retrieval(loaded: LoadedModel, data: RetrievalSet, cfg: EvalConfig,
                         device: torch.device) -> dict[str, float]:
     images = encode_images(loaded.model, ImageFiles(data.files, loaded.preprocess), batch_size=cfg.batch_size,
-                           num_workers=cfg.num_workers, device=device, amp=cfg.amp, desc=f"{data.name} images")
+                           num_workers=cfg.num_workers, device=device, precision=cfg.precision, desc=f"{data.name} images")
     texts = encode_texts(loaded.model, loaded.tokenizer, data.captions, batch_size=cfg.batch_size,
-                         device=device, amp=cfg.amp, desc=f"{data.name} captions")
+                         device=device, precision=cfg.precision, desc=f"{data.name} captions")
     metrics = retrieval_metrics(images.to(device), texts.to(device), torch.tensor(data.caption_to_image),
                                 ties=cfg.ties)
     if data.consistent is not None:  # the dataset knows every image a caption fits (the shapes world)
@@ -156,9 +157,9 @@ def _evaluate_retrieval(loaded: LoadedModel, data: RetrievalSet, cfg: EvalConfig
 def _evaluate_image_retrieval(loaded: LoadedModel, data: ImageRetrievalSet, cfg: EvalConfig,
                               device: torch.device) -> dict[str, float]:
     database = encode_images(loaded.model, ImageFiles(data.files, loaded.preprocess), batch_size=cfg.batch_size,
-                             num_workers=cfg.num_workers, device=device, amp=cfg.amp, desc=f"{data.name} database")
+                             num_workers=cfg.num_workers, device=device, precision=cfg.precision, desc=f"{data.name} database")
     queries = encode_images(loaded.model, CroppedImageFiles(data.query_files, data.boxes, loaded.preprocess),
-                            batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=device, amp=cfg.amp,
+                            batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=device, precision=cfg.precision,
                             desc=f"{data.name} queries")
     return image_retrieval_metrics(data, queries, database)
 
@@ -212,9 +213,8 @@ def _task_data_key(task: str, directory: Path, data: ClassificationSet | Retriev
         except FileNotFoundError as err:
             raise MissingDatasetError(f"task '{task}': image {path} listed in {directory} does not exist") from err
         images.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    precision = "bf16-autocast" if cfg.amp and device.type == "cuda" else "fp32"
     return {"task_dir": str(Path(directory).resolve()), "split": cfg.split, "device": str(device),
-            "precision": precision, "ties": cfg.ties,
+            "precision": effective_precision(device, cfg.precision), "ties": cfg.ties,
             "annotation_sha256": file_sha256(annotation) if annotation else None, "texts_sha256": texts.hexdigest(),
             "num_images": len(data.files), "images_sha256": images.hexdigest()}
 

@@ -1,2 +1,2 @@
-__all__ = ["annotation_features", "cli", "config", "images", "img2dataset", "io", "packed", "registry", "schedule", "shapes",
-           "shapes_captions", "shards", "sources"]
+__all__ = ["annotation_features", "cli", "config", "images", "img2dataset", "io", "packed", "precision", "registry", "samples", "schedule", "shapes",
+           "shapes_captions", "shards", "sources", "torchio"]

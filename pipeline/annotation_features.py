@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from softclip.pipeline.images import ImageDecodeError, decode_image
 from softclip.pipeline.packed import packed_samples, write_packed_shard
+from softclip.pipeline.samples import Sample
 from softclip.pipeline.shapes import COLOURS, SHAPES
 from softclip.pipeline.shards import (
     FeatureRecord,
@@ -29,7 +30,7 @@ from softclip.pipeline.shards import (
     records_to_table,
     write_parquet_shard,
 )
-from softclip.pipeline.sources import Sample, open_source
+from softclip.pipeline.sources import open_source
 
 __all__ = ["ANNOTATION_DETECTOR", "ANNOTATION_FEATURE_DIM", "annotation_record", "annotation_roi_features",
            "annotation_tags", "write_annotation_shards", "write_annotation_tag_shards"]

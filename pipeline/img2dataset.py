@@ -26,8 +26,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from softclip.pipeline.io import atomic_path, atomic_write_json
+from softclip.pipeline.samples import SourceError
 from softclip.pipeline.shards import shard_name
-from softclip.pipeline.sources import Source, SourceError
+from softclip.pipeline.sources import Source
 
 __all__ = ["ShardWriter", "img2dataset_stats", "sample_key"]
 

@@ -22,7 +22,6 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import json
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,46 +30,27 @@ import braceexpand
 import polars as pl
 import pyarrow.parquet as pq
 
+from softclip.pipeline.samples import (
+    DEFAULT_MAX_CAPTION_CHARS,
+    DEFAULT_MAX_MEMBER_BYTES,
+    IMAGE_EXTENSIONS,
+    SAMPLE_ERROR_REASONS,
+    Sample,
+    SourceError,
+    SourceShard,
+    make_sample,
+    sample_caption,
+    split_member,
+)
 from softclip.pipeline.shards import shard_name
 
+# The sample types and limits are defined in pipeline.samples and also reachable here, where readers look.
 __all__ = ["DEFAULT_MAX_CAPTION_CHARS", "DEFAULT_MAX_MEMBER_BYTES", "IMAGE_EXTENSIONS", "SAMPLE_ERROR_REASONS",
-           "Sample", "Source", "SourceError", "SourceShard", "open_source"]
+           "Sample", "Source", "SourceError", "SourceShard", "expand_shard_spec", "open_source"]
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
 CAPTION_FILES = ("captions.parquet", "captions.jsonl", "captions.csv")
 _IMAGE_COLUMNS = ("image", "file", "filename", "path")
 _CAPTION_COLUMNS = ("caption", "text")
-DEFAULT_MAX_MEMBER_BYTES = 64 << 20  # a tar member larger than this is an error row, never read
-DEFAULT_MAX_CAPTION_CHARS = 4096  # CLIP reads 77 tokens; a longer caption is an error row
-# The reasons a sample's ``error`` may start with (``"<reason>: <detail>"``); other errors are read errors.
-SAMPLE_ERROR_REASONS = ("unsafe_member", "link_member", "duplicate_key", "member_too_large", "bad_caption",
-                        "caption_too_long")
-
-
-class SourceError(ValueError):
-    """A dataset or one of its shards cannot be read at all."""
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
-class Sample:
-    """One image-text pair as stored; ``image`` is the encoded file, ``error`` a read problem."""
-
-    key: str
-    shard: str
-    image: bytes | None
-    caption: str | None
-    meta: dict
-    error: str | None = None
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
-class SourceShard:
-    """A unit of work: a tar file, an img2dataset parquet file or ``files`` folder, or a slice of rows of a
-    captions file."""
-
-    name: str
-    path: Path
-    rows: tuple[int, int] | None = None  # [start, stop) rows of a captions file
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,13 +75,6 @@ class Source:
             yield from _iter_files(shard, self.max_member_bytes, self.max_caption_chars)
         else:
             yield from _iter_folder_rows(shard, self._captions, self._image_root, self.max_caption_chars)
-
-
-def _split_member(name: str) -> tuple[str, str]:
-    """WebDataset convention: the key is the path up to the first dot of the basename."""
-    directory, _, base = name.rpartition("/")
-    stem, _, suffix = base.partition(".")
-    return (f"{directory}/{stem}" if directory else stem), suffix.lower()
 
 
 def _unsafe_key(key: str) -> str | None:
@@ -131,39 +104,6 @@ class _Group:
     key: str
     members: dict[str, bytes] = dataclasses.field(default_factory=dict)
     problems: list[str] = dataclasses.field(default_factory=list)
-
-
-def _caption(members: dict[str, bytes], meta: dict, max_chars: int) -> tuple[str | None, str | None]:
-    """``(caption, error)``: the .txt member (strict UTF-8) or the json's ``caption``, capped in length."""
-    if "txt" in members:
-        try:
-            caption = members["txt"].decode("utf-8")
-        except UnicodeDecodeError as err:
-            return None, f"bad_caption: the .txt member is not UTF-8 (byte {err.start}); re-encode it as UTF-8"
-    else:
-        caption = meta.get("caption")
-        if caption is not None and not isinstance(caption, str):
-            return None, f"bad_caption: the json caption is a {type(caption).__name__}, not text"
-    if caption is not None and len(caption) > max_chars:
-        return None, (f"caption_too_long: {len(caption)} characters, over max_caption_chars={max_chars} "
-                      "(raise it to keep such captions)")
-    return caption, None
-
-
-def _make_sample(key: str, shard: str, members: dict[str, bytes], error: str | None = None, *,
-                 max_caption_chars: int) -> Sample:
-    meta: dict = {}
-    if "json" in members:
-        try:
-            meta = json.loads(members["json"])
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            error = error or f"unreadable json member: {err}"
-        if not isinstance(meta, dict):
-            meta, error = {}, error or f"json member is a {type(meta).__name__}, not an object"
-    caption, caption_error = _caption(members, meta, max_caption_chars)
-    error = error or caption_error
-    image = None if error else next((members[ext] for ext in IMAGE_EXTENSIONS if ext in members), None)
-    return Sample(key=key, shard=shard, image=image, caption=caption, meta=meta, error=error)
 
 
 def _member_problem(member: tarfile.TarInfo, shard: SourceShard, max_member_bytes: int) -> str | None:
@@ -196,7 +136,7 @@ def _finish(group: _Group, shard: SourceShard, seen: dict[str, int], position: i
     seen.setdefault(key, len(seen))
     if problems:
         return Sample(key=key, shard=shard.name, image=None, caption=None, meta={}, error=problems[0])
-    return _make_sample(key, shard.name, group.members, error, max_caption_chars=max_caption_chars)
+    return make_sample(key, shard.name, group.members, error, max_caption_chars=max_caption_chars)
 
 
 def _iter_tar(shard: SourceShard, max_member_bytes: int, max_caption_chars: int) -> Iterator[Sample]:
@@ -212,7 +152,7 @@ def _iter_tar(shard: SourceShard, max_member_bytes: int, max_caption_chars: int)
             for position, member in enumerate(tar):
                 if member.isdir():
                     continue
-                member_key, suffix = _split_member(member.name)
+                member_key, suffix = split_member(member.name)
                 if group is not None and (member_key != group.key or suffix in group.members):  # a repeat
                     # of a suffix is a new sample with the same key: reported as a duplicate, not merged
                     yield _finish(group, shard, seen, position, max_caption_chars)
@@ -270,7 +210,7 @@ def _iter_parquet(shard: SourceShard, max_member_bytes: int, max_caption_chars: 
                     continue
                 image = row.pop(column, None)
                 caption = row.pop("txt", None)
-                caption, error = _caption({}, {"caption": caption if caption is not None else row.get("caption")},
+                caption, error = sample_caption({}, {"caption": caption if caption is not None else row.get("caption")},
                                           max_caption_chars)
                 if image is None:
                     error = error or f"row {row.get('key')} of {shard.path} has no {column} bytes"
@@ -289,7 +229,7 @@ def _iter_files(shard: SourceShard, max_member_bytes: int, max_caption_chars: in
     grouped: dict[str, dict[str, Path]] = {}
     for path in sorted(shard.path.iterdir()):
         if path.is_file():
-            key, suffix = _split_member(path.name)
+            key, suffix = split_member(path.name)
             grouped.setdefault(key, {})[suffix] = path
     for key, files in grouped.items():
         try:
@@ -301,7 +241,7 @@ def _iter_files(shard: SourceShard, max_member_bytes: int, max_caption_chars: in
                 members, error = {suffix: path.read_bytes() for suffix, path in files.items()}, None
         except OSError as err:
             members, error = {}, f"cannot read a file of sample {key} in {shard.path}: {err.strerror or err}"
-        yield _make_sample(key, shard.name, members, error=error, max_caption_chars=max_caption_chars)
+        yield make_sample(key, shard.name, members, error=error, max_caption_chars=max_caption_chars)
 
 
 def _img2dataset_source(spec: str, path: Path, limits: dict[str, int]) -> Source | None:
@@ -323,7 +263,7 @@ def _iter_folder_rows(shard: SourceShard, captions: pl.DataFrame, image_root: Pa
     for row in captions.slice(start, stop - start).iter_rows(named=True):
         meta = {k: v for k, v in row.items() if k not in ("image", "caption", "key")}
         meta["image"] = row["image"]
-        caption, error = _caption({}, {"caption": row["caption"]}, max_caption_chars)
+        caption, error = sample_caption({}, {"caption": row["caption"]}, max_caption_chars)
         if error:
             yield Sample(key=row["key"], shard=shard.name, image=None, caption=None, meta=meta, error=error)
             continue
@@ -375,6 +315,47 @@ def _folder_source(spec: str, captions_path: Path, image_root: Path, samples_per
     return Source(spec=spec, kind="folder", shards=shards, _captions=captions, _image_root=image_root, **limits)
 
 
+def expand_shard_spec(spec: str | Path, suffix: str = "tar", *, hint: str = "") -> list[Path]:
+    """The shard files of ``spec``: a brace pattern (``cc3m/{00000..00331}.tar``, in its order), a directory
+    (its ``*.suffix`` files, sorted) or one file.
+
+    Raises:
+        SourceError: a file is missing, or a directory holds no ``*.suffix`` file; the message names the
+            spec, the first missing file and ends with ``hint`` (what to check).
+    """
+    spec = str(spec)
+    path = Path(spec)
+    end = f"; {hint}" if hint else ""
+    if "{" in spec:
+        paths = [Path(p) for p in braceexpand.braceexpand(spec)]
+        missing = [p for p in paths if not p.is_file()]
+        if missing:
+            raise SourceError(f"{spec}: {len(missing)} of {len(paths)} shards are missing, e.g. {missing[0]}{end}")
+        return paths
+    if path.is_dir():
+        paths = sorted(path.glob(f"*.{suffix}"))
+        if not paths:
+            raise SourceError(f"{spec}: no *.{suffix} shards in this directory{end}")
+        return paths
+    if not path.is_file():
+        raise SourceError(f"{spec}: no such file or directory of .{suffix} shards{end}")
+    return [path]
+
+
+def _untarred_source(spec: str, path: Path, samples_per_shard: int, limits: dict[str, int]) -> Source:
+    """A directory without tars: an image folder with a captions file, or img2dataset's other formats."""
+    for name in CAPTION_FILES:
+        if (path / name).is_file():
+            return _folder_source(spec, path / name, path, samples_per_shard, limits)
+    found = _img2dataset_source(spec, path, limits)
+    if found is not None:
+        return found
+    raise SourceError(f"{spec}: no *.tar shards, no NNNNN.parquet with an image column, no NNNNN/ shard "
+                      f"folders and no {' / '.join(CAPTION_FILES)} in this directory; expected an "
+                      "img2dataset output folder (webdataset, parquet or files format) or an image folder "
+                      "with a captions file")
+
+
 def open_source(spec: str | Path, *, samples_per_shard: int = 10_000,
                 max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
                 max_caption_chars: int = DEFAULT_MAX_CAPTION_CHARS) -> Source:
@@ -391,27 +372,10 @@ def open_source(spec: str | Path, *, samples_per_shard: int = 10_000,
     limits = {"max_member_bytes": max_member_bytes, "max_caption_chars": max_caption_chars}
     spec = str(spec)
     path = Path(spec)
-    if "{" in spec:
-        paths = [Path(p) for p in braceexpand.braceexpand(spec)]
-        missing = [p for p in paths if not p.is_file()]
-        if missing:
-            raise SourceError(f"{spec}: {len(missing)} of {len(paths)} shards are missing, e.g. {missing[0]}")
-        tars = paths
-    elif path.is_dir():
-        tars = sorted(path.glob("*.tar"))
-        if not tars:
-            for name in CAPTION_FILES:
-                if (path / name).is_file():
-                    return _folder_source(spec, path / name, path, samples_per_shard, limits)
-            found = _img2dataset_source(spec, path, limits)
-            if found is not None:
-                return found
-            raise SourceError(f"{spec}: no *.tar shards, no NNNNN.parquet with an image column, no NNNNN/ shard "
-                              f"folders and no {' / '.join(CAPTION_FILES)} in this directory; expected an "
-                              "img2dataset output folder (webdataset, parquet or files format) or an image folder "
-                              "with a captions file")
-    elif path.is_file() and path.suffix == ".tar":
-        tars = [path]
+    if path.is_dir() and "{" not in spec and not any(path.glob("*.tar")):
+        return _untarred_source(spec, path, samples_per_shard, limits)
+    if "{" in spec or path.is_dir() or (path.is_file() and path.suffix == ".tar"):
+        tars = expand_shard_spec(spec)
     elif path.is_file() and path.suffix in (".csv", ".jsonl", ".parquet"):
         return _folder_source(spec, path, path.parent, samples_per_shard, limits)
     else:

@@ -75,7 +75,7 @@ def test_loader_needs_an_architecture_name(tmp_path):
 def test_truncated_checkpoint_is_named(tmp_path):
     path = _save_tiny(tmp_path / "x.pt", name="softclip-test-tiny-a", seed=0)
     path.write_bytes(path.read_bytes()[:1000])
-    with pytest.raises(ValueError, match=r"x.pt: not a readable torch checkpoint"):
+    with pytest.raises(ValueError, match=r"x.pt: cannot read the checkpoint"):
         load_open_clip_checkpoint(path)
 
 
@@ -196,10 +196,10 @@ def test_cache_key_holds_device_and_precision(world):
     cfg = EvalConfig(checkpoints=(Path("x.pt"),), out=root / "unused", data_root=root / "data")
     cpu = evaluate._task_data_key("shapes-retrieval", directory, data, cfg, torch.device("cpu"))
     cuda = evaluate._task_data_key("shapes-retrieval", directory, data, cfg, torch.device("cuda"))
-    fp32 = evaluate._task_data_key("shapes-retrieval", directory, data, dataclasses.replace(cfg, amp=False),
+    fp32 = evaluate._task_data_key("shapes-retrieval", directory, data, dataclasses.replace(cfg, precision="fp32"),
                                    torch.device("cuda"))
     assert (cpu["device"], cpu["precision"]) == ("cpu", "fp32")
-    assert (cuda["device"], cuda["precision"], fp32["precision"]) == ("cuda", "bf16-autocast", "fp32")
+    assert (cuda["device"], cuda["precision"], fp32["precision"]) == ("cuda", "bf16", "fp32")
     assert cpu["num_images"] == 24 and cpu["annotation_sha256"] and cpu["images_sha256"]
 
 

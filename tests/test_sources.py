@@ -169,3 +169,21 @@ def test_captions_keys_with_dots_are_refused(tmp_path):
     pl.DataFrame({"key": ["img.001"], "file": ["a.png"], "text": ["x"]}).write_csv(tmp_path / "captions.csv")
     with pytest.raises(SourceError, match="img.001"):
         open_source(tmp_path)
+
+
+def test_one_shard_spec_expansion_serves_sources_and_training(shapes_world, tmp_path):
+    from softclip.pipeline.sources import expand_shard_spec
+    from softclip.train.config import DataConfig
+    from softclip.train.data import TrainData
+
+    train = shapes_world / "train"
+    tars = [train / f"{i:05d}.tar" for i in range(3)]
+    assert expand_shard_spec(train) == tars == expand_shard_spec(f"{train}/{{00000..00002}}.tar")
+    assert expand_shard_spec(tars[1]) == [tars[1]]
+    with pytest.raises(SourceError, match=rf"{tmp_path}: no \*.tar shards in this directory; look here$"):
+        expand_shard_spec(tmp_path, hint="look here")
+    with pytest.raises(SourceError, match=rf"{tmp_path / 'x.tar'}: no such file or directory"):
+        expand_shard_spec(tmp_path / "x.tar")
+    spec = f"{train}/{{00000..00004}}.tar"
+    with pytest.raises(SourceError, match=r"2 of 5 shards are missing, e.g. .*00003.tar; check data.train_shards"):
+        TrainData(DataConfig(train_shards=spec, batch_size=2), transform=None, tokenizer=None, feature_dim=4)

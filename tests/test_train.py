@@ -156,15 +156,15 @@ def test_two_process_gloo_training_writes_one_checkpoint(data_root, tmp_path, na
 
 
 def test_a_non_finite_loss_stops_training_with_advice():
-    from softclip.train.loop import _log_metrics
+    from softclip.train.metrics import log_line_metrics
 
     timing = {"elapsed": 1.0, "steps": 1, "data_wait": 0.0, "nonfinite": torch.tensor(1.0)}
     with pytest.raises(FloatingPointError, match="diverged; lower optim.lr"):
-        _log_metrics({"loss": torch.tensor(float("nan"))}, 1e-3, timing, {}, 16, False)
-    skipped = _log_metrics({"loss": torch.tensor(float("nan"))}, 1e-3, timing, {}, 16, True)
+        log_line_metrics({"loss": torch.tensor(float("nan"))}, 1e-3, timing, {}, 16, False)
+    skipped = log_line_metrics({"loss": torch.tensor(float("nan"))}, 1e-3, timing, {}, 16, True)
     assert skipped["nonfinite_steps"] == 1.0
     timing["nonfinite"] = torch.tensor(0.0)
-    assert _log_metrics({"loss": torch.tensor(2.0)}, 1e-3, timing, {}, 16, False)["samples_per_s"] == 16.0
+    assert log_line_metrics({"loss": torch.tensor(2.0)}, 1e-3, timing, {}, 16, False)["samples_per_s"] == 16.0
 
 
 def test_beta_zero_is_refused_unless_clip():
@@ -280,18 +280,18 @@ def test_threads_leave_a_core_per_loader_worker(monkeypatch):
 
     from softclip.train.config import DataConfig, ModelConfig
     from softclip.train.data import _one_thread
-    from softclip.train.loop import _set_threads
+    from softclip.train.runtime import set_threads
 
     before = torch.get_num_threads()
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)), raising=False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     try:
         for workers, threads, expected in ((1, 0, 5), (2, 0, 4), (8, 0, 1), (1, 3, 3)):
-            _set_threads(TrainConfig(run_dir=Path("x"), model=ModelConfig(name="x"),
+            set_threads(TrainConfig(run_dir=Path("x"), model=ModelConfig(name="x"),
                                      data=DataConfig(train_shards="x", num_workers=workers, threads=threads)))
             assert torch.get_num_threads() == expected
         monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two ranks on the node share the 6 cores
-        _set_threads(TrainConfig(run_dir=Path("x"), model=ModelConfig(name="x"),
+        set_threads(TrainConfig(run_dir=Path("x"), model=ModelConfig(name="x"),
                                  data=DataConfig(train_shards="x", num_workers=1)))
         assert torch.get_num_threads() == 2
         _one_thread(0)

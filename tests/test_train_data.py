@@ -1,4 +1,4 @@
-"""Training data: oracle annotation features, packed vs Parquet routes, resume positions, corrupt input."""
+"""Training data: oracle annotation features, packed shards, resume positions, corrupt input."""
 
 from __future__ import annotations
 
@@ -19,8 +19,9 @@ from softclip.pipeline.annotation_features import (
 )
 from softclip.pipeline.packed import ROI_MEMBER, read_packed_sample
 from softclip.pipeline.shards import read_feature_table
+from softclip.pipeline.sources import SourceError, expand_shard_spec
 from softclip.train.config import DataConfig, ModelConfig
-from softclip.train.data import TrainData, count_samples, expand_shards, tagset_ids
+from softclip.train.data import TrainData, count_samples, tagset_ids
 from softclip.train.model import build_model
 
 
@@ -64,22 +65,31 @@ def test_annotation_features(packed, shapes_world):
     np.testing.assert_allclose(feats[0, :48].reshape(4, 4, 3)[..., 0], 1.0)
     np.testing.assert_allclose(feats[0, 48 + 7], 1.0)  # all of R in the top bin
     np.testing.assert_allclose(feats[0, 48 + 8], 1.0)  # all of G in the bottom bin
-    assert count_samples(expand_shards(str(packed), "tar")) == 120 == count_samples(expand_shards(str(packed), "parquet"))
+    assert count_samples(expand_shard_spec(packed)) == 120
 
 
-def test_packed_and_parquet_routes_give_the_same_batches(packed, shapes_world, transforms):
-    wds = list(_data(transforms, packed).epoch_batches(0))
-    pq = list(_data(transforms, packed, format="parquet", source_shards=str(shapes_world / "train")).epoch_batches(0))
-    assert len(wds) == len(pq) == 15
-    for a, b in zip(wds, pq):
-        assert a["keys"] == b["keys"]
-        for name in ("images", "texts", "tags", "roi_features", "roi_geometry", "roi_mask"):
-            assert torch.equal(a[name], b[name]), name
-    batch = wds[0]
+def test_packed_batches_hold_the_feature_shards_rows(packed, transforms):
+    batches = list(_data(transforms, packed).epoch_batches(0))
+    assert len(batches) == 15
+    records = {r.key: r for shard in sorted(packed.glob("*.parquet")) for r in table_to_records(read_feature_table(shard))}
+    for batch in batches:
+        for i, key in enumerate(batch["keys"]):
+            record, n = records[key], int(batch["roi_mask"][i].sum())
+            top = np.argsort(-record.scores, kind="stable")[:5]
+            assert n == len(top)
+            assert torch.equal(batch["roi_features"][i, :n], torch.from_numpy(record.roi_features[top]))
+            assert torch.equal(batch["roi_geometry"][i, :n], torch.from_numpy(record.geometry[top]))
+    batch = batches[0]
     assert batch["images"].shape == (8, 3, 64, 64) and batch["roi_features"].shape == (8, 5, 72)
     assert batch["roi_mask"].any(1).all()
-    for a, b in zip(wds, pq):
-        assert torch.equal(a["tagset"], b["tagset"])
+
+
+def test_training_reads_only_packed_shards():
+    from softclip.pipeline.config import ConfigError, from_dict
+
+    for retired in ({"format": "parquet"}, {"source_shards": "cc3m"}):  # the Parquet route is gone
+        with pytest.raises(ConfigError, match=next(iter(retired))):
+            from_dict(DataConfig, {"train_shards": "packed"} | retired)
 
 
 def test_tagset_ids_are_phrases_and_words():
@@ -188,5 +198,5 @@ def test_wrong_feature_dim_and_missing_shards_are_explained(packed, transforms, 
                      tokenizer=tokenizer, feature_dim=2048)
     with pytest.raises(ValueError, match="model.roi_feature_dim=72"):
         next(data.epoch_batches(0))
-    with pytest.raises(FileNotFoundError, match="data.train_shards"):
+    with pytest.raises(SourceError, match="no such file or directory of .tar shards; check data.train_shards"):
         _data(transforms, tmp_path / "nothing")

@@ -17,7 +17,8 @@ from softclip.pipeline.img2dataset import ShardWriter
 from softclip.pipeline.shards import write_parquet_shard
 from softclip.pipeline.sources import SourceError, open_source
 from softclip.workflows.cache import ArtifactCache
-from softclip.workflows.runner import UnreadableShardsError, WorkflowRunner, load_workflow
+from softclip.workflows.config import load_workflow
+from softclip.workflows.runner import UnreadableShardsError, WorkflowRunner
 
 ROOT = Path(__file__).resolve().parents[1]
 

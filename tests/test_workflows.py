@@ -17,8 +17,8 @@ import yaml
 
 from softclip.pipeline.config import ConfigError, load_config
 from softclip.workflows.cache import ArtifactCache, CorruptArtifactError, artifact_key, tree_fingerprint
-from softclip.workflows.config import WorkflowConfig
-from softclip.workflows.runner import WorkflowRunner, _project_file, load_workflow
+from softclip.workflows.config import WorkflowConfig, load_workflow, project_file
+from softclip.workflows.runner import WorkflowRunner
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_FAST = ["optim.max_steps=4", "optim.warmup_steps=1", "data.batch_size=16", "data.num_workers=0",
@@ -252,10 +252,10 @@ def test_shipped_demo_keys_and_files_do_not_depend_on_the_working_directory(tmp_
     monkeypatch.delenv("DATA_ROOT")  # the runner sets a default; teardown unsets it again
     workflow = load_workflow(ROOT / "workflows/configs/shapes.yaml")
     monkeypatch.chdir(ROOT)
-    keys, config = _keys(workflow, tmp_path / "cache"), _project_file("extract/weights/shapes/detector.yaml")
+    keys, config = _keys(workflow, tmp_path / "cache"), project_file("extract/weights/shapes/detector.yaml")
     monkeypatch.chdir(tmp_path)
     assert _keys(workflow, tmp_path / "cache") == keys
-    assert _project_file("extract/weights/shapes/detector.yaml") == config and config.is_absolute()
+    assert project_file("extract/weights/shapes/detector.yaml") == config and config.is_absolute()
 
 
 def test_a_moved_cache_is_used_where_it_is_now(first_run, tmp_path):

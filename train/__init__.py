@@ -1,1 +1,1 @@
-__all__ = ["checkpoint", "cli", "config", "data", "export", "loop", "losses", "metrics", "model"]
+__all__ = ["checkpoint", "cli", "config", "data", "export", "loop", "losses", "metrics", "model", "runtime"]

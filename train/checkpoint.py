@@ -31,10 +31,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from softclip.pipeline.io import HashingWriter, atomic_path, atomic_write_text, disk_full_names, file_sha256
+from softclip.pipeline.io import HashingWriter, atomic_path, disk_full_names
+from softclip.pipeline.torchio import (
+    CorruptCheckpointError,
+    checksum_sidecar,
+    load_weights_only,
+    verify_checksum,
+    write_checksum,
+)
 
 __all__ = ["CorruptCheckpointError", "capture_rng", "checkpoint_path", "load_checkpoint", "resolve_resume",
-           "restore_rng", "save_checkpoint", "verify_checkpoint"]
+           "restore_rng", "save_checkpoint"]
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +49,8 @@ log = logging.getLogger(__name__)
 _STALE_PATTERNS = (".tmp-step_*.pt.*", ".tmp-latest.pt.*")
 
 
-class CorruptCheckpointError(ValueError):
-    """A checkpoint file is damaged (checksum mismatch, truncated, not a torch checkpoint); names the file."""
+# What to do about a damaged checkpoint, ending each CorruptCheckpointError.
+_RESUME_HINT = "resume from another checkpoints/step_*.pt"
 
 
 def checkpoint_path(run_dir: str | Path, step: int) -> Path:
@@ -76,10 +83,6 @@ def restore_rng(state: dict) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
-def _sidecar(path: Path) -> Path:
-    return path.with_name(f"{path.name}.sha256")
-
-
 def _write_step_file(path: Path, checkpoint: dict) -> str:
     """Write ``path`` atomically and fsynced; returns its SHA-256. A full disk raises DiskFullError."""
     with disk_full_names(path), atomic_path(path) as tmp, HashingWriter(tmp) as f:
@@ -104,16 +107,16 @@ def save_checkpoint(run_dir: str | Path, step: int, checkpoint: dict, *, keep: i
     """
     path = checkpoint_path(run_dir, step)
     digest = _write_step_file(path, checkpoint)
-    atomic_write_text(_sidecar(path), f"{digest}  {path.name}\n")
+    write_checksum(path, digest)
     latest = path.parent / "latest.pt"
     with disk_full_names(latest), atomic_path(latest) as tmp:
         _link_or_copy(path, tmp)
-    atomic_write_text(_sidecar(latest), f"{digest}  {latest.name}\n")
+    write_checksum(latest, digest)
     if keep:
         others = sorted(p for p in path.parent.glob("step_*.pt") if p != path)
         for old in others[: max(len(others) - (keep - 1), 0)]:  # the file just written is always kept
             old.unlink()
-            _sidecar(old).unlink(missing_ok=True)
+            checksum_sidecar(old).unlink(missing_ok=True)
     for pattern in _STALE_PATTERNS:  # a save killed earlier (only rank 0 saves: none of these is live)
         for stale in path.parent.glob(pattern):
             stale.unlink(missing_ok=True)
@@ -135,49 +138,18 @@ def _link_or_copy(source: Path, target: Path) -> None:
         shutil.copyfile(source, target)
 
 
-def verify_checkpoint(path: str | Path) -> bool:
-    """Check ``path`` against its ``.sha256`` sidecar; returns False when there is no sidecar to check.
-
-    Raises:
-        CorruptCheckpointError: the checksum differs, or the sidecar is unreadable.
-    """
-    path = Path(path)
-    sidecar = _sidecar(path)
-    if not sidecar.is_file():
-        return False
-    recorded = sidecar.read_bytes().split(b" ", 1)[0].decode("ascii", errors="replace").strip()
-    if len(recorded) != 64:
-        raise CorruptCheckpointError(f"{path}: its checksum file {sidecar.name} is damaged; resume from another "
-                                     "checkpoints/step_*.pt")
-    actual = file_sha256(path)
-    if actual != recorded:
-        raise CorruptCheckpointError(
-            f"{path}: the file is damaged (checksum sha256 {actual[:12]}... differs from {recorded[:12]}... in "
-            f"{sidecar.name}); resume from another checkpoints/step_*.pt")
-    return True
-
-
 def load_checkpoint(path: str | Path) -> dict:
-    """A checkpoint dict from ``path``: verified against its checksum, then read with
-    ``torch.load(weights_only=True)`` on the CPU.
+    """A checkpoint dict from ``path``, read by :func:`softclip.pipeline.torchio.load_weights_only` (checked
+    against its checksum sidecar, then ``torch.load(weights_only=True)`` on the CPU).
 
     Raises:
         FileNotFoundError: there is no such file.
         CorruptCheckpointError: a checksum mismatch, or a file torch cannot read (truncated, random
             bytes, not a dict); one line naming the file.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if not verify_checkpoint(path):
-        log.warning("%s has no checksum file (%s): loading it unverified", path, _sidecar(path).name)
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - damaged bytes raise anything from IndexError to UnpicklingError
-        detail = " ".join(str(err).split())[:200]
-        raise CorruptCheckpointError(f"{path}: cannot read the checkpoint, the file is truncated or not a torch "
-                                     f"checkpoint ({type(err).__name__}: {detail}); resume from another "
-                                     "checkpoints/step_*.pt") from err
+    if Path(path).is_file() and not checksum_sidecar(path).is_file():
+        log.warning("%s has no checksum file (%s): loading it unverified", path, checksum_sidecar(path).name)
+    checkpoint = load_weights_only(path, hint=_RESUME_HINT)
     if not isinstance(checkpoint, dict):
         raise CorruptCheckpointError(f"{path}: holds a {type(checkpoint).__name__}, not a checkpoint dict")
     return checkpoint
@@ -197,7 +169,7 @@ def resolve_resume(resume: str, run_dir: str | Path) -> Path:
         if not path.is_file():
             raise FileNotFoundError(f"cannot resume: checkpoint {path} does not exist (give a checkpoint file or "
                                     "'latest' for the run directory's newest)")
-        verify_checkpoint(path)
+        verify_checksum(path, hint=_RESUME_HINT)
         return path
     folder = Path(run_dir) / "checkpoints"
     candidates = [p for p in [folder / "latest.pt", *sorted(folder.glob("step_*.pt"), reverse=True)] if p.is_file()]
@@ -207,7 +179,7 @@ def resolve_resume(resume: str, run_dir: str | Path) -> Path:
     problems = []
     for path in candidates:
         try:
-            verify_checkpoint(path)
+            verify_checksum(path, hint=_RESUME_HINT)
         except CorruptCheckpointError as err:
             problems.append(str(err))
             continue

@@ -15,6 +15,8 @@ import re
 from pathlib import Path
 from typing import Literal
 
+from softclip.pipeline.precision import Precision
+
 __all__ = [
     "DataConfig",
     "LogConfig",
@@ -54,16 +56,13 @@ class ModelConfig:
 class DataConfig:
     """Where the training shards are and how they are batched.
 
-    ``format="webdataset"``: ``train_shards`` are packed shards (image + features per key).
-    ``format="parquet"``: ``train_shards`` are Parquet feature shards ``NNNNN.parquet`` joined by key with the
-    source tars ``NNNNN.tar`` of ``source_shards``. Relative paths are taken under ``root`` (environment
-    variables such as ``$DATA_ROOT`` are expanded). Shards are given as a directory, a brace pattern or a file.
+    ``train_shards`` are packed shards (image + features per key, :mod:`softclip.pipeline.packed`), given as a
+    directory, a brace pattern or a file. Relative paths are taken under ``root`` (environment variables such
+    as ``$DATA_ROOT`` are expanded).
     """
 
-    format: Literal["webdataset", "parquet"] = "webdataset"
     root: str = "."
     train_shards: str
-    source_shards: str = ""  # only for format=parquet
     batch_size: int = 256  # global batch: split evenly across ranks
     num_workers: int = 4  # DataLoader workers per rank
     max_boxes: int = 50  # boxes kept per image (highest scores first); the rest is padding
@@ -79,8 +78,6 @@ class DataConfig:
                              "data.num_workers non-negative")
         if self.threads < 0:
             raise ValueError(f"data.threads must be non-negative (0: derived from the cores), got {self.threads}")
-        if self.format == "parquet" and not self.source_shards:
-            raise ValueError("data.format=parquet needs data.source_shards (the image tars to join by key)")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -134,7 +131,7 @@ class OptimConfig:
     epochs: int = 32
     max_steps: int = 0  # stop after this many steps (0: run all epochs)
     grad_clip_norm: float = 1.0  # 0 disables clipping
-    precision: Literal["fp32", "bf16"] = "bf16"  # bf16 autocast on CUDA; CPU always runs fp32
+    precision: Precision = "bf16"  # autocast on CUDA (pipeline.precision); CPU always runs fp32; fp16 is refused
     # A step with a non-finite loss or gradient never updates the weights (skipped on the device); at the
     # next log step training stops with advice, or with skip_nonfinite goes on and logs the count.
     skip_nonfinite: bool = False
@@ -145,6 +142,9 @@ class OptimConfig:
                              "non-negative, optim.epochs at least 1")
         if self.max_steps < 0 or self.grad_clip_norm < 0:
             raise ValueError("optim.max_steps and optim.grad_clip_norm must be non-negative")
+        if self.precision == "fp16":
+            raise ValueError("optim.precision=fp16 needs loss scaling, which training does not do; use bf16 "
+                             "(or fp32)")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)

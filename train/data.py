@@ -1,4 +1,4 @@
-"""Training data: packed WebDataset shards (or Parquet features joined with source tars) as padded batches.
+"""Training data: packed WebDataset shards (:mod:`softclip.pipeline.packed`) as padded batches.
 
 An epoch is one pass: every sample of the rank's partition exactly once, with any number of loader workers
 and however unevenly the samples are split over shards. The epoch's sample order is the shards in a
@@ -17,8 +17,8 @@ this epoch) and ``batches`` (batches it has produced this epoch); :meth:`TrainDa
 those positions skips exactly that many raw samples per worker without decoding them, so a resumed run
 sees the same batches as an uninterrupted one.
 
-Corrupt input never stops training: unreadable tar members, samples whose features do not parse,
-``status == "error"`` rows and undecodable images are skipped and counted in the batch's ``errors``; the
+Corrupt input never stops training: unreadable tar members, samples whose features do not parse and
+undecodable images are skipped and counted in the batch's ``errors``; the
 worker fills the places they leave with repeats of its own decoded samples (seeded), so that batch sizes
 stay the same on every rank.
 """
@@ -32,23 +32,20 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
-import braceexpand
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import tarfile_samples
 
 from softclip.pipeline.images import ImageDecodeError, decode_image
 from softclip.pipeline.packed import read_packed_sample
-from softclip.pipeline.shards import ragged_column, read_feature_table
-from softclip.pipeline.sources import open_source
+from softclip.pipeline.sources import expand_shard_spec
 from softclip.train.config import DataConfig, resolve_data_path
 
-__all__ = ["ERROR_KINDS", "TrainData", "count_samples", "expand_shards", "tagset_ids"]
+__all__ = ["ERROR_KINDS", "TrainData", "count_samples", "tagset_ids"]
 
-ERROR_KINDS = ("bad_member", "bad_sample", "error_row", "bad_image", "unmatched")
-_PARQUET_COLUMNS = ["key", "status", "caption", "tags", "roi_features", "geometry", "scores"]
+ERROR_KINDS = ("bad_member", "bad_sample", "bad_image")
+_SHARDS_HINT = "check data.train_shards (relative paths are under data.root)"
 
 
 @dataclasses.dataclass(slots=True)
@@ -56,7 +53,6 @@ class _Raw:
     """One sample before decoding: its features, caption, tags and encoded image."""
 
     key: str
-    status: str
     caption: str
     tags: str
     roi: np.ndarray  # [n, D]
@@ -88,33 +84,12 @@ def tagset_ids(tags: str) -> list[int]:
     return sorted(zlib.crc32(f.encode()) for f in features)
 
 
-def expand_shards(spec: str, suffix: str) -> list[Path]:
-    """Shard files of ``spec``: a directory (its ``*.suffix`` files, sorted), a brace pattern, or one file."""
-    path = Path(spec)
-    if "{" in spec:
-        paths = [Path(p) for p in braceexpand.braceexpand(spec)]
-    elif path.is_dir():
-        paths = sorted(path.glob(f"*.{suffix}"))
-    else:
-        paths = [path]
-    missing = [p for p in paths if not p.is_file()]
-    if not paths or missing:
-        raise FileNotFoundError(f"{spec}: no .{suffix} training shards found"
-                                + (f" ({len(missing)} missing, e.g. {missing[0]})" if missing else "")
-                                + "; check data.root / data.train_shards")
-    return paths
-
-
 def count_samples(paths: list[Path]) -> int:
-    """Samples in packed tars (their ``.json`` members, read from the tar headers) or Parquet feature shards
-    (row counts from the footers)."""
+    """Samples in packed tars (their ``.json`` members, read from the tar headers)."""
     total = 0
     for path in paths:
-        if path.suffix == ".parquet":
-            total += pq.ParquetFile(path).metadata.num_rows
-        else:
-            with tarfile.open(path, "r") as tar:
-                total += sum(1 for m in tar if m.isfile() and m.name.endswith(".json"))
+        with tarfile.open(path, "r") as tar:
+            total += sum(1 for m in tar if m.isfile() and m.name.endswith(".json"))
     return total
 
 
@@ -164,12 +139,7 @@ class TrainData:
         self.feature_dim, self.seed, self.rank, self.world_size = feature_dim, seed, rank, world_size
         self.batch_size = cfg.batch_size // world_size
         self.num_workers = max(cfg.num_workers, 1)
-        suffix = "tar" if cfg.format == "webdataset" else "parquet"
-        self.shards = expand_shards(resolve_data_path(cfg.root, cfg.train_shards), suffix)
-        self.sources: dict[str, Path] = {}
-        if cfg.format == "parquet":
-            tars = expand_shards(resolve_data_path(cfg.root, cfg.source_shards), "tar")
-            self.sources = {p.name.removesuffix(".tar"): p for p in tars}
+        self.shards = expand_shard_spec(resolve_data_path(cfg.root, cfg.train_shards), hint=_SHARDS_HINT)
         self.shard_sizes = [count_samples([path]) for path in self.shards]
         total = min(sum(self.shard_sizes), cfg.num_samples or sum(self.shard_sizes))
         self.rank_samples = total // world_size  # the rank's partition: one contiguous range per epoch
@@ -284,8 +254,7 @@ class TrainData:
 
     def _read(self, shards: list[Path], errors: collections.Counter) -> Iterator[_Raw]:
         for shard in shards:
-            yield from (self._read_tar(shard, errors) if self.cfg.format == "webdataset"
-                        else self._read_parquet(shard, errors))
+            yield from self._read_tar(shard, errors)
 
     def _read_tar(self, path: Path, errors: collections.Counter) -> Iterator[_Raw]:
         def handler(exn: Exception) -> bool:
@@ -298,33 +267,10 @@ class TrainData:
             except (KeyError, ValueError, TypeError, OSError, EOFError):  # bad json, npy or format version
                 errors["bad_sample"] += 1
                 continue
-            yield _Raw(key=packed.key, status="success", caption=packed.caption, tags=packed.tags,
+            yield _Raw(key=packed.key, caption=packed.caption, tags=packed.tags,
                        roi=packed.roi_features, geometry=packed.geometry, scores=packed.scores, image=packed.image)
 
-    def _read_parquet(self, path: Path, errors: collections.Counter) -> Iterator[_Raw]:
-        name = path.name.removesuffix(".parquet")
-        if name not in self.sources:
-            raise FileNotFoundError(f"{path}: no source tar {name}.tar in data.source_shards "
-                                    f"({self.cfg.source_shards}); the feature and source shards must match")
-        table = read_feature_table(path, columns=_PARQUET_COLUMNS)
-        plain = table.select(["key", "status", "caption", "tags"]).to_pydict()
-        rows = {key: i for i, key in enumerate(plain["key"])}
-        ragged = {c: ragged_column(table, c) for c in ("roi_features", "geometry", "scores")}
-        source = open_source(self.sources[name])
-        for sample in source.iter_shard(source.shards[0]):
-            i = rows.get(sample.key)
-            if i is None:
-                errors["unmatched"] += 1
-                continue
-            yield _Raw(key=sample.key, status=plain["status"][i], caption=plain["caption"][i] or "",
-                       tags=plain["tags"][i] or "", roi=ragged["roi_features"].row(i),
-                       geometry=ragged["geometry"].row(i), scores=ragged["scores"].row(i),
-                       image=sample.image if sample.error is None else None)
-
     def _decode(self, raw: _Raw, epoch: int, errors: collections.Counter) -> dict | None:
-        if raw.status == "error":
-            errors["error_row"] += 1
-            return None
         if raw.roi.ndim != 2 or (len(raw.roi) and raw.roi.shape[1] != self.feature_dim):
             raise ValueError(f"sample {raw.key}: ROI features of shape {raw.roi.shape}, the model expects "
                              f"{self.feature_dim} channels: set model.roi_feature_dim={raw.roi.shape[-1]}")

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import pickle
 from pathlib import Path
 
 import torch
 import typer
 
 from softclip.pipeline.io import atomic_write_bytes, atomic_write_text
+from softclip.pipeline.torchio import load_weights_only
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "export_open_clip", "register"]
 
@@ -30,12 +30,7 @@ WEIGHTS_NAME = "open_clip_model.safetensors"  # open_clip's HF_SAFE_WEIGHTS_NAME
 
 def _read_towers(checkpoint: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """The towers' state dict (``module.`` prefixes dropped) and the open_clip model config of ``checkpoint``."""
-    if not checkpoint.is_file():
-        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist; pass a .pt file written by softclip train")
-    try:
-        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError) as err:
-        raise ValueError(f"{checkpoint}: not a readable torch checkpoint: {err}") from err
+    ckpt = load_weights_only(checkpoint, mmap=True, hint="pass a .pt file written by softclip train")
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise ValueError(f"{checkpoint}: no 'state_dict'; export needs a checkpoint written by softclip train")
     config = ckpt.get("model_config")
@@ -54,6 +49,7 @@ def export_open_clip(checkpoint: str | Path, out: str | Path) -> Path:
 
     Raises:
         FileNotFoundError: no such checkpoint.
+        CorruptCheckpointError: the file is damaged (checksum, truncation; a ValueError).
         ValueError: not a softclip training checkpoint (no ``state_dict`` or ``model_config``).
     """
     from open_clip.transform import PreprocessCfg

@@ -11,17 +11,16 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import random
 import time
 from pathlib import Path
 
-import numpy as np
 import open_clip
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from softclip.pipeline.config import from_dict, save_config, to_dict
+from softclip.pipeline.precision import autocast
 from softclip.pipeline.schedule import cosine_lr
 from softclip.train.checkpoint import (
     capture_rng,
@@ -31,11 +30,12 @@ from softclip.train.checkpoint import (
     save_checkpoint,
 )
 from softclip.train.config import TrainConfig
-from softclip.train.data import ERROR_KINDS, TrainData
+from softclip.train.data import TrainData
 from softclip.train.export import export_open_clip
 from softclip.train.losses import SoftCLIPLoss, mean_roi_features, tagset_vectors
-from softclip.train.metrics import MetricLogger
+from softclip.train.metrics import MetricLogger, log_line_metrics
 from softclip.train.model import SoftCLIPModel, build_model
+from softclip.train.runtime import all_ranks, init_distributed, seed_everything, set_threads
 
 __all__ = ["NO_DECAY_TOKENS", "TrainSummary", "param_groups", "soft_ramp", "train", "train_step"]
 
@@ -76,37 +76,10 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
 
-def _init_distributed() -> tuple[int, int, torch.device]:
-    """``(rank, world_size, device)`` from torchrun's environment (a single process without it)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return (dist.get_rank() if world_size > 1 else 0), world_size, device
-
-
-def _all_ranks(obj, world_size: int) -> list:
-    """``obj`` of every rank, in rank order."""
-    if world_size == 1:
-        return [obj]
-    gathered = [None] * world_size
-    dist.all_gather_object(gathered, obj)
-    return gathered
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def _checkpoint(cfg: TrainConfig, model: SoftCLIPModel, optimizer, progress: dict, world_size: int) -> dict:
     """The checkpoint dict (see :mod:`train.checkpoint`); collective: every rank must call it."""
-    positions = _all_ranks(progress["positions"], world_size)
-    rng = _all_ranks(capture_rng(), world_size)
+    positions = all_ranks(progress["positions"], world_size)
+    rng = all_ranks(capture_rng(), world_size)
     return {"state_dict": model.clip.state_dict(), "model_name": cfg.model.name,
             "model_config": open_clip.get_model_config(cfg.model.name),
             "roi_state_dict": model.roi.state_dict(), "optimizer": optimizer.state_dict(),
@@ -185,8 +158,7 @@ def train_step(model, loss_fn: SoftCLIPLoss, optimizer, batch: dict, cfg: TrainC
     if "roi" in needed:
         inputs |= {k: batch[k] for k in ("roi_features", "roi_geometry", "roi_mask")}
     inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
-    use_bf16 = device.type == "cuda" and cfg.optim.precision == "bf16"
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+    with autocast(device, cfg.optim.precision):
         out = model(inputs.pop("images"), inputs.pop("texts"), **inputs)
     losses = loss_fn(out["image"], out["text"], out["logit_scale"], _teacher_views(out, batch, needed, device),
                      soft_scale=soft_scale)
@@ -214,25 +186,6 @@ def _unwrap(model) -> SoftCLIPModel:
     return getattr(model, "module", model)  # DDP
 
 
-def _log_metrics(losses: dict, lr: float, timing: dict, errors: dict, global_batch: int,
-                 skip_nonfinite: bool) -> dict[str, float]:
-    """Numbers for one log line. ``timing["nonfinite"]`` counts the steps since the last log whose update
-    was skipped (non-finite loss or gradient); unless ``skip_nonfinite``, any raises FloatingPointError
-    (training has diverged) -- the weights are those before the first such step."""
-    metrics = {k: float(v) for k, v in losses.items() if k != "nonfinite"}
-    skipped = int(timing["nonfinite"])
-    if skipped and not skip_nonfinite:
-        raise FloatingPointError(f"{skipped} step(s) since the last log had a non-finite loss or gradient (loss "
-                                 f"now {metrics['loss']}): training diverged; lower optim.lr or raise "
-                                 "optim.warmup_steps and resume from an earlier checkpoint (their updates were "
-                                 "skipped), or set optim.skip_nonfinite=true to skip such steps and go on")
-    elapsed = max(timing["elapsed"], 1e-9)
-    metrics |= {"lr": lr, "samples_per_s": timing["steps"] * global_batch / elapsed,
-                "data_wait_s": timing["data_wait"] / max(timing["steps"], 1), "nonfinite_steps": float(skipped)}
-    metrics |= {f"data_{kind}": float(sum(e.get(kind, 0) for e in errors.values())) for kind in ERROR_KINDS}
-    return metrics
-
-
 def _loss_fn(cfg: TrainConfig, world_size: int) -> SoftCLIPLoss:
     loss = cfg.loss
     return SoftCLIPLoss(beta=loss.beta, lam=loss.lam, mu=loss.mu, image_target=loss.image_target,
@@ -240,18 +193,10 @@ def _loss_fn(cfg: TrainConfig, world_size: int) -> SoftCLIPLoss:
                         roi_weight=loss.roi_weight, detach_targets=loss.detach_targets, world_size=world_size)
 
 
-def _set_threads(cfg: TrainConfig) -> None:
-    """Main-process torch threads: ``data.threads``, or this rank's share of the cores (ranks on the node
-    share them evenly) less one per loader worker (workers run with 1 thread: :mod:`train.data`)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    share = cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    torch.set_num_threads(cfg.data.threads or max(share - cfg.data.num_workers, 1))
-
-
 def _setup(cfg: TrainConfig, resume: str | None, rank: int, world_size: int, device: torch.device):
     """Model, loss, optimizer, data and the progress to start from (fresh or resumed)."""
-    _seed_everything(cfg.seed)  # identical initial weights on every rank
-    _set_threads(cfg)
+    seed_everything(cfg.seed)  # identical initial weights on every rank
+    set_threads(cfg)
     loss_fn = _loss_fn(cfg, world_size)
     model, preprocess_train, _, tokenizer = build_model(cfg.model, ema_text="ema_text" in loss_fn.views)
     model.to(device)
@@ -263,7 +208,7 @@ def _setup(cfg: TrainConfig, resume: str | None, rank: int, world_size: int, dev
                                   betas=cfg.optim.betas, eps=cfg.optim.eps, fused=True)
     data = TrainData(cfg.data, transform=preprocess_train, tokenizer=tokenizer,
                      feature_dim=cfg.model.roi_feature_dim, seed=cfg.seed, rank=rank, world_size=world_size)
-    _seed_everything(cfg.seed + rank)
+    seed_everything(cfg.seed + rank)
     progress = {"step": 0, "epoch": 0, "positions": None}
     if resume:
         progress = _restore(resolve_resume(resume, cfg.run_dir), cfg, model, optimizer, rank, world_size)
@@ -331,7 +276,7 @@ def _run_epoch(run: _Run) -> None:
         timing["elapsed"] += time.perf_counter() - tick
         run.bar.update(1)
         if step == 0 or (step + 1) % run.cfg.log.every_n_steps == 0 or step + 1 == run.total_steps:
-            metrics = _log_metrics(losses, lr, timing, errors, run.cfg.data.batch_size, run.cfg.optim.skip_nonfinite)
+            metrics = log_line_metrics(losses, lr, timing, errors, run.cfg.data.batch_size, run.cfg.optim.skip_nonfinite)
             run.last_loss = metrics["loss"]
             run.logger.log(step + 1, metrics | {"epoch": progress["epoch"]})
             run.bar.set_postfix(loss=f"{metrics['loss']:.4f}")
@@ -374,11 +319,11 @@ def train(cfg: TrainConfig, *, resume: str | None = None) -> TrainSummary:
     this. Writes ``RUN_DIR/config.yaml``, ``metrics.jsonl``, ``tensorboard/`` and ``checkpoints/``
     (``latest.pt`` is always the newest complete checkpoint). A fresh start (no ``resume``) refuses a run
     folder that already has checkpoints. A process group this call starts is destroyed when it returns, and
-    the caller's torch thread count is put back (training sets its own: :func:`_set_threads`)."""
+    the caller's torch thread count is put back (training sets its own: :func:`train.runtime.set_threads`)."""
     start, caller_threads = time.perf_counter(), torch.get_num_threads()
     _refuse_mixed_runs(cfg, resume)
     started_group = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
-    rank, world_size, device = _init_distributed()
+    rank, world_size, device = init_distributed()
     model, loss_fn, optimizer, data, progress = _setup(cfg, resume, rank, world_size, device)
     total_steps = data.steps_per_epoch * cfg.optim.epochs
     total_steps = min(total_steps, cfg.optim.max_steps) if cfg.optim.max_steps else total_steps

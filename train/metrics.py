@@ -1,4 +1,5 @@
-"""Training metrics sinks: a JSONL file and TensorBoard, written by rank 0 only."""
+"""Training metrics: the numbers of one log line, and their sinks (a JSONL file and TensorBoard, written by
+rank 0 only)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import json
 from pathlib import Path
 
 from softclip.pipeline.io import atomic_write_text
+from softclip.train.data import ERROR_KINDS
 
-__all__ = ["MetricLogger"]
+__all__ = ["MetricLogger", "log_line_metrics"]
 
 
 class MetricLogger:
@@ -68,3 +70,22 @@ def _read_lines(path: Path) -> list[tuple[int, str]]:
             raise ValueError(f"{path}: line {number} is not a metrics record ({error}); fix or remove that "
                              "line and resume again") from error
     return out
+
+
+def log_line_metrics(losses: dict, lr: float, timing: dict, errors: dict, global_batch: int,
+                     skip_nonfinite: bool) -> dict[str, float]:
+    """Numbers for one log line. ``timing["nonfinite"]`` counts the steps since the last log whose update
+    was skipped (non-finite loss or gradient); unless ``skip_nonfinite``, any raises FloatingPointError
+    (training has diverged) -- the weights are those before the first such step."""
+    metrics = {k: float(v) for k, v in losses.items() if k != "nonfinite"}
+    skipped = int(timing["nonfinite"])
+    if skipped and not skip_nonfinite:
+        raise FloatingPointError(f"{skipped} step(s) since the last log had a non-finite loss or gradient (loss "
+                                 f"now {metrics['loss']}): training diverged; lower optim.lr or raise "
+                                 "optim.warmup_steps and resume from an earlier checkpoint (their updates were "
+                                 "skipped), or set optim.skip_nonfinite=true to skip such steps and go on")
+    elapsed = max(timing["elapsed"], 1e-9)
+    metrics |= {"lr": lr, "samples_per_s": timing["steps"] * global_batch / elapsed,
+                "data_wait_s": timing["data_wait"] / max(timing["steps"], 1), "nonfinite_steps": float(skipped)}
+    metrics |= {f"data_{kind}": float(sum(e.get(kind, 0) for e in errors.values())) for kind in ERROR_KINDS}
+    return metrics

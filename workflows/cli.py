@@ -28,8 +28,8 @@ def run(
     cache_dir: Path | None = typer.Option(None, help="Artifact cache folder."),
 ) -> None:
     """Run a workflow: extract -> train -> eval, reusing every cached artifact."""
-    from softclip.workflows.config import TrainStep
-    from softclip.workflows.runner import WorkflowRunner, load_workflow
+    from softclip.workflows.config import TrainStep, load_workflow
+    from softclip.workflows.runner import WorkflowRunner
 
     config = load_workflow(workflow)
     if train_config:
@@ -81,7 +81,8 @@ def cache_gc(keep: list[Path] = typer.Argument(None, help="Workflow files whose 
                                                           "or not; without any, only incomplete artifacts go."),
              cache_dir: Path | None = typer.Option(None, help="Artifact cache folder.")) -> None:
     """Delete the artifacts no given workflow uses (complete or not); without any, the incomplete ones."""
-    from softclip.workflows.runner import WorkflowRunner, load_workflow
+    from softclip.workflows.config import load_workflow
+    from softclip.workflows.runner import WorkflowRunner
 
     cache = ArtifactCache(cache_dir)
     keep_keys = None

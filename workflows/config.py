@@ -16,16 +16,26 @@ Example (``workflows/configs/shapes.yaml``, but training a detector instead of l
       tasks: [shapes]
 
 Stage config files are the stages' own YAML files; the runner fills in the paths that connect them
-(dataset, detector files, shard folders, run folders, checkpoints), so those fields may be left out.
+(dataset, detector files, shard folders, run folders, checkpoints), so those fields may be left out
+(:func:`stage_config`). Paths in a workflow are taken relative to the working directory, else to the
+softclip checkout (:func:`project_file`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+from pathlib import Path
+from typing import Any
 
+from softclip.pipeline.config import ConfigError, apply_overrides, from_dict, load_config, read_yaml, to_dict
+from softclip.pipeline.registry import data_root
 from softclip.pipeline.shapes import ShapesConfig
 
-__all__ = ["DatasetStep", "DetectorStep", "EvalStep", "ExtractStep", "TrainStep", "WorkflowConfig"]
+__all__ = ["DatasetStep", "DetectorStep", "EvalStep", "ExtractStep", "TrainStep", "WorkflowConfig", "load_workflow",
+           "project_file", "stage_config", "user_file"]
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -124,3 +134,53 @@ class WorkflowConfig:
             raise ValueError(f"train: run names must be distinct, got {names}")
         if self.eval is not None and not self.train:
             raise ValueError("eval needs at least one train step")
+
+
+def load_workflow(path: str | Path) -> WorkflowConfig:
+    """Read a workflow YAML file (errors name the key and the file)."""
+    return load_config(WorkflowConfig, path)
+
+
+def project_file(path: str) -> Path:
+    """A stage config path as written in a workflow: relative to the working directory, else to the
+    softclip checkout (so workflows run from any folder); returned absolute, so what records it (the
+    extraction manifest) does not depend on the working directory."""
+    candidate = Path(os.path.expandvars(path))
+    if candidate.is_file() or candidate.is_absolute():
+        return candidate.resolve()
+    return (REPO_ROOT / candidate).resolve()
+
+
+def user_file(path: str, what: str) -> Path:
+    """A file the user provides (``$DATA_ROOT`` and other variables expanded; relative paths as in
+    :func:`project_file`); missing is an error."""
+    os.environ.setdefault("DATA_ROOT", str(data_root()))
+    resolved = project_file(path)
+    if not resolved.is_file():
+        raise FileNotFoundError(f"{what} not found: {resolved} (from '{path}'); see README, 'On a GPU pool'")
+    return resolved
+
+
+def stage_config(cls: type, path: str | Path, managed: dict[str, Any], overrides: tuple[str, ...]):
+    """Load a stage's YAML, set the runner-managed (dotted) keys, apply overrides.
+
+    Returns ``(config, settings)`` where ``settings`` is the config as plain data without the managed
+    keys: what the artifact key hashes."""
+    data = read_yaml(path)
+    for dotted, value in managed.items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{path}: '{part}' must be a mapping, got {node!r}")
+        node[leaf] = value
+    cfg = apply_overrides(from_dict(cls, data, source=str(path)), overrides, source=f"{path} overrides")
+    settings = to_dict(cfg)
+    for dotted in managed:
+        node = settings
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node[part]
+        node.pop(leaf, None)
+    return cfg, settings

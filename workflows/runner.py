@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from softclip.pipeline.config import ConfigError, apply_overrides, from_dict, load_config, read_yaml, to_dict
+from softclip.pipeline.config import apply_overrides, from_dict, load_config, to_dict
 from softclip.pipeline.packed import PACKED_DIR
 from softclip.pipeline.registry import data_root, resolve_dataset
 from softclip.pipeline.shapes import generate as generate_shapes
@@ -30,39 +30,11 @@ from softclip.workflows.cache import (
     file_fingerprint,
     tree_fingerprint,
 )
-from softclip.workflows.config import TrainStep, WorkflowConfig
+from softclip.workflows.config import TrainStep, WorkflowConfig, project_file, stage_config, user_file
 
-__all__ = ["STAGES", "StageRecord", "UnreadableShardsError", "WorkflowResult", "WorkflowRunner", "load_workflow"]
+__all__ = ["STAGES", "StageRecord", "UnreadableShardsError", "WorkflowResult", "WorkflowRunner"]
 
 STAGES = ("dataset", "detector", "extract", "train", "eval")
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_workflow(path: str | Path) -> WorkflowConfig:
-    """Read a workflow YAML file (errors name the key and the file)."""
-    return load_config(WorkflowConfig, path)
-
-
-def _project_file(path: str) -> Path:
-    """A stage config path as written in a workflow: relative to the working directory, else to the
-    softclip checkout (so workflows run from any folder); returned absolute, so what records it (the
-    extraction manifest) does not depend on the working directory."""
-    candidate = Path(os.path.expandvars(path))
-    if candidate.is_file() or candidate.is_absolute():
-        return candidate.resolve()
-    return (REPO_ROOT / candidate).resolve()
-
-
-def _user_file(path: str, what: str) -> Path:
-    """A file the user provides (``$DATA_ROOT`` and other variables expanded; relative paths as in
-    :func:`_project_file`); missing is an error."""
-    os.environ.setdefault("DATA_ROOT", str(data_root()))
-    resolved = _project_file(path)
-    if not resolved.is_file():
-        raise FileNotFoundError(f"{what} not found: {resolved} (from '{path}'); see README, 'On a GPU pool'")
-    return resolved
-
 
 @dataclasses.dataclass
 class StageRecord:
@@ -93,31 +65,6 @@ class WorkflowResult:
         line = (f"workflow {self.workflow}: {len(self.records)} stages, {len(self.records) - len(ran)} cached, "
                 f"{len(ran)} ran, {self.seconds:.1f}s")
         return line + (f"; report in {self.report}" if self.report else "")
-
-
-def _stage_config(cls: type, path: str | Path, managed: dict[str, Any], overrides: tuple[str, ...]):
-    """Load a stage's YAML, set the runner-managed (dotted) keys, apply overrides.
-
-    Returns ``(config, settings)`` where ``settings`` is the config as plain data without the managed
-    keys: what the artifact key hashes."""
-    data = read_yaml(path)
-    for dotted, value in managed.items():
-        node = data
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"{path}: '{part}' must be a mapping, got {node!r}")
-        node[leaf] = value
-    cfg = apply_overrides(from_dict(cls, data, source=str(path)), overrides, source=f"{path} overrides")
-    settings = to_dict(cfg)
-    for dotted in managed:
-        node = settings
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            node = node[part]
-        node.pop(leaf, None)
-    return cfg, settings
 
 
 class WorkflowRunner:
@@ -174,19 +121,19 @@ class WorkflowRunner:
             return StageRecord("detector", ANNOTATION_DETECTOR, artifact_key("detector", {"annotations": True}, {}),
                                None, True, outputs={"annotations": True})
         if not step.train:
-            weights = _user_file(step.weights, "detector weights")
-            labelmap = _user_file(step.labelmap, "detector label map")
+            weights = user_file(step.weights, "detector weights")
+            labelmap = user_file(step.labelmap, "detector label map")
             identity = {"weights": file_fingerprint(weights), "labelmap": file_fingerprint(labelmap)}
             outputs = {"weights": str(weights), "labelmap": str(labelmap)}
             if step.config:
-                config = _user_file(step.config, "detector config")
+                config = user_file(step.config, "detector config")
                 identity["config"], outputs["config"] = file_fingerprint(config), str(config)
             return StageRecord("detector", weights.name, artifact_key("detector", identity, {}), None, True,
                                outputs=outputs)
         from softclip.extract.detector.config import DetectorConfig
         from softclip.extract.detector.training import train_detector
 
-        cfg = apply_overrides(load_config(DetectorConfig, _project_file(step.train)), step.overrides)
+        cfg = apply_overrides(load_config(DetectorConfig, project_file(step.train)), step.overrides)
         settings, inputs = to_dict(cfg), {"dataset": dataset.key}
         artifact = self.cache.artifact("detector", artifact_key("detector", settings, inputs))
         weights, labelmap = artifact.path / "model.pth", artifact.path / "labelmap.json"
@@ -208,7 +155,7 @@ class WorkflowRunner:
             managed["ray_address"] = os.environ["RAY_ADDRESS"]
         if int(os.environ.get("NUM_GPUS") or 0) > 0:
             managed["actors"] = int(os.environ["NUM_GPUS"])
-        cfg, _ = _stage_config(ExtractConfig, _project_file(step.config), managed, step.overrides)
+        cfg, _ = stage_config(ExtractConfig, project_file(step.config), managed, step.overrides)
         settings, inputs = cfg.settings(), {"dataset": dataset.key, "detector": detector.key}
         if "config" in detector.outputs:  # extract with the detector's own config (its key covers the file)
             cfg = cfg.replace(detector_overrides={**cfg.detector_overrides, "config": detector.outputs["config"]})
@@ -249,9 +196,9 @@ class WorkflowRunner:
     def _train(self, extract: StageRecord, step: TrainStep) -> StageRecord:
         from softclip.train.config import TrainConfig
 
-        managed = {"run_dir": "", "data.format": "webdataset", "data.root": extract.outputs["packed"],
+        managed = {"run_dir": "", "data.root": extract.outputs["packed"],
                    "data.train_shards": ".", "model.roi_feature_dim": extract.outputs.get("feature_dim", 1)}  # not in the key
-        cfg, settings = _stage_config(TrainConfig, _project_file(step.config), managed, step.overrides)
+        cfg, settings = stage_config(TrainConfig, project_file(step.config), managed, step.overrides)
         settings["data"].pop("num_workers", None)  # execution only, like logging: not in the key
         settings.pop("log", None)
         inputs = {"extract": extract.key}
