@@ -91,7 +91,7 @@ def annotation_record(sample: Sample) -> FeatureRecord:
 
 
 def annotation_tags(objects: list[dict]) -> str:
-    """The tag text of annotated objects, in the detector's format (:func:`extract.vinvl.format_tags`:
+    """The tag text of annotated objects, in the detector's format (:func:`extract.detector.vinvl.format_tags`:
     ``"attr class"`` per box, boxes joined by ``", "``): ``"red circle, blue star"``."""
     return ", ".join(f"{o['colour']} {o['shape']}" for o in objects)
 

@@ -56,7 +56,7 @@ def test_annotation_features(packed, shapes_world):
     assert all(np.array_equal(s.roi_features, r.roi_features) and s.tags == r.tags for s, r in zip(samples, records))
     record = records[0]
     assert record.roi_features.shape == (record.num_boxes, 72) and record.roi_features.dtype == np.float16
-    # one "colour shape" phrase per box, joined like the detector's tags (extract.vinvl.format_tags)
+    # one "colour shape" phrase per box, joined like the detector's tags (extract.detector.vinvl.format_tags)
     assert record.tags == ", ".join(f"{a[0]} {c}" for a, c in zip(record.attr_names, record.class_names))
     from PIL import Image
 

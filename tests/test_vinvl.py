@@ -36,6 +36,7 @@ from softclip.extract.detector.postprocess import (
 )
 from softclip.extract.detector.vinvl import VinVLDetector, format_tags
 from softclip.pipeline.config import ConfigError
+from softclip.pipeline.torchio import CorruptCheckpointError
 
 KEYS_FILE = Path(__file__).parent / "fixtures" / "vinvl-checkpoint-keys.txt"
 TINY_ARCH = DetectorArch(blocks=(1, 1, 1, 1), groups=2, width_per_group=16, stem_channels=8, res2_channels=32,
@@ -334,7 +335,7 @@ def test_pickle_payloads_are_refused(tmp_path: Path, tiny_files: tuple[Path, Pat
     path = tmp_path / "evil.pth"
     with open(path, "wb") as f:
         pickle.dump({"module.x": _Exploit()}, f)
-    with pytest.raises(CheckpointError, match="weights-only"):
+    with pytest.raises(CorruptCheckpointError, match="weights-only"):
         VinVLDetector.from_checkpoint(path, tiny_files[1])
 
 

@@ -66,7 +66,7 @@ def tagset_ids(tags: str) -> list[int]:
     :func:`train.losses.tagset_vectors`).
 
     ``tags`` is the detector's text, ``"attr attr class"`` per box, boxes joined by ``", "``
-    (:func:`extract.vinvl.format_tags`). Its features are every whole phrase (``"p:large blue star"``) and
+    (:func:`extract.detector.vinvl.format_tags`). Its features are every whole phrase (``"p:large blue star"``) and
     every word (``"w:blue"``), lower-cased; VinVL's vocabulary is 1,600 classes and 400 attributes, so the
     word features alone are a multi-hot over at most 2,000 names and the phrase features keep which
     attribute goes with which class. A feature's id is ``zlib.crc32`` of its UTF-8 text: deterministic

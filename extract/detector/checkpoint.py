@@ -20,6 +20,7 @@ from torch import Tensor
 
 from softclip.extract.detector.config import DetectorArch
 from softclip.pipeline.io import atomic_write_bytes, atomic_write_json
+from softclip.pipeline.torchio import load_weights_only
 
 __all__ = [
     "ALIAS_PREFIX",
@@ -54,17 +55,9 @@ def _listing(keys: list[str]) -> str:
 
 
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
-    """Load a checkpoint with ``weights_only=True`` and strip the ``module.`` prefix (when every key has it)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"detector checkpoint not found: {path}")
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError ... for bad files
-        raise CheckpointError(
-            f"{path}: cannot be read as a weights-only torch checkpoint ({type(err).__name__}: {err}); "
-            "give a plain state dict saved with torch.save"
-        ) from err
+    """Load a checkpoint (:func:`pipeline.torchio.load_weights_only`: a damaged or pickled file is a
+    ``CorruptCheckpointError``) and strip the ``module.`` prefix (when every key has it)."""
+    loaded = load_weights_only(path, hint="give a plain state dict saved with torch.save")
     if isinstance(loaded, dict) and "model" in loaded and isinstance(loaded["model"], dict):
         loaded = loaded["model"]
     if not isinstance(loaded, dict) or not all(isinstance(v, Tensor) for v in loaded.values()):
