@@ -92,7 +92,7 @@ def throughput(model: VinVLDetector, images: list[Image.Image], batch_size: int,
             model.detect(images[i : i + batch_size])
     _sync(device)
     seconds = time.perf_counter() - start
-    out = {"batch_size": batch_size, "amp": model.settings.amp, "images": len(images) * repeats,
+    out = {"batch_size": batch_size, "precision": model.settings.precision, "images": len(images) * repeats,
            "images_per_s": round(len(images) * repeats / seconds, 3)}
     if device.startswith("cuda"):
         out["peak_gpu_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
@@ -135,10 +135,10 @@ def _gpu_runs(args: argparse.Namespace) -> dict:
     images = random_images(args.gpu_images, 1000, 600)
     runs = [throughput(base, images, 1, device, args.repeats)]
     split = {"fp32_b1": stage_split(base, images[:1], device)}
-    for amp in ("bf16", "fp16"):
-        base.configure(amp=amp, channels_last=True)
+    for precision in ("bf16", "fp16"):
+        base.configure(precision=precision, channels_last=True)
         runs.append(throughput(base, images, args.batch_size, device, args.repeats))
-        split[f"{amp}_b{args.batch_size}"] = stage_split(base, images[: args.batch_size], device)
+        split[f"{precision}_b{args.batch_size}"] = stage_split(base, images[: args.batch_size], device)
     return {"x152_600x1000": runs, "split_seconds": split, "gpu": torch.cuda.get_device_name()}
 
 

@@ -3,7 +3,7 @@
 On one CUDA GPU (``make bench-gpu``, under 8 minutes on an H100/H200-class GPU):
 
 - ``detector``: X152-C4 at 600x1000 with random weights (VinVL's test settings), images/s of
-  ``VinVLDetector.detect`` at batch 1/2/4/8, in fp32 (``amp: none``) and bf16, each with and without
+  ``VinVLDetector.detect`` at batch 1/2/4/8, in fp32 and bf16 (``precision``), each with and without
   ``channels_last``, plus the peak GPU memory; ``fastest`` names the best setting.
 - ``train``: RN50 SoftCLIP vs CLIP optimizer steps at batch 256 in bf16 (``benchmarks/train.py``'s setting),
   samples/s of each.
@@ -65,17 +65,17 @@ def detector(device: str, smoke: bool) -> dict:
     model = _DETECTOR.randomised_detector(config, device)  # DetectorConfig(): X152-C4 with VinVL's test settings
     (width, height), batches = ((64, 64), (1, 2)) if smoke else ((1000, 600), (1, 2, 4, 8))
     images = _DETECTOR.random_images(max(batches) * 2, width, height)
-    precisions = ("none", "bf16") if device == "cuda" else ("none",)  # autocast is CUDA-only in the detector
+    precisions = ("fp32", "bf16") if device == "cuda" else ("fp32",)  # autocast is CUDA-only (pipeline.precision)
     runs = []
-    for amp in precisions:
+    for precision in precisions:
         for channels_last in (False, True):
-            model.configure(amp=amp, channels_last=channels_last)
+            model.configure(precision=precision, channels_last=channels_last)
             for batch in batches:
                 run = _DETECTOR.throughput(model, images[: batch * 2], batch, device, repeats=1 if smoke else 2)
-                runs.append({"amp": amp, "channels_last": channels_last, **run})
+                runs.append({"precision": precision, "channels_last": channels_last, **run})
     best = max(runs, key=lambda r: r["images_per_s"])
     return {"arch": model.config.name, "input": f"{height}x{width}", "runs": runs,
-            "fastest": {k: best[k] for k in ("amp", "channels_last", "batch_size", "images_per_s")}}
+            "fastest": {k: best[k] for k in ("precision", "channels_last", "batch_size", "images_per_s")}}
 
 
 def train(device: str, smoke: bool) -> dict:

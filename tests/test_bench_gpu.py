@@ -27,7 +27,7 @@ def test_smoke_detector_and_training_parts_report_their_figures():
     runs = out["detector"]["runs"]
     assert {(r["channels_last"], r["batch_size"]) for r in runs} == {(False, 1), (False, 2), (True, 1), (True, 2)}
     assert all(r["images_per_s"] > 0 for r in runs) and out["detector"]["fastest"] in [
-        {k: r[k] for k in ("amp", "channels_last", "batch_size", "images_per_s")} for r in runs]
+        {k: r[k] for k in ("precision", "channels_last", "batch_size", "images_per_s")} for r in runs]
     assert out["train"]["softclip_samples_per_s"] > 0 and out["train"]["clip_samples_per_s"] > 0
 
 

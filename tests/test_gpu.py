@@ -23,7 +23,7 @@ def test_detector_on_cuda_matches_cpu(tmp_path):
     files = (tmp_path / "model.pth", tmp_path / "labelmap.json")
     cpu = VinVLDetector.from_checkpoint(*files, config=TINY).detect(_images())
     gpu = VinVLDetector.from_checkpoint(*files, config=TINY, device="cuda").detect(_images())
-    bf16 = VinVLDetector.from_checkpoint(*files, config=TINY, device="cuda", amp="bf16").detect(_images())
+    bf16 = VinVLDetector.from_checkpoint(*files, config=TINY, device="cuda", precision="bf16").detect(_images())
     for a, b, c in zip(cpu, gpu, bf16):
         assert np.array_equal(a["labels"], b["labels"])
         np.testing.assert_allclose(a["boxes"], b["boxes"], atol=1e-2)

@@ -1,4 +1,4 @@
-"""One precision vocabulary (pipeline.precision) for training and evaluation configs."""
+"""One precision vocabulary (pipeline.precision) for the detector, training and evaluation configs."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from softclip.eval.evaluate import EvalConfig
+from softclip.extract.detector.config import DetectorSettings
 from softclip.pipeline.config import ConfigError, from_dict
 from softclip.pipeline.precision import PRECISIONS, autocast, effective_precision
 from softclip.train.config import OptimConfig
@@ -31,6 +32,14 @@ def test_training_and_evaluation_accept_its_words_and_only_them(tmp_path):
         from_dict(OptimConfig, {"precision": "half"})
     with pytest.raises(ConfigError, match="'precision' = 'amp'"):
         from_dict(EvalConfig, {"checkpoints": ["a.pt"], "out": str(tmp_path), "precision": "amp"})
+
+
+def test_the_detector_speaks_the_same_words():
+    assert DetectorSettings().precision == "fp32" and not hasattr(DetectorSettings(), "amp")
+    for word in PRECISIONS:
+        assert from_dict(DetectorSettings, {"precision": word}).precision == word
+    with pytest.raises(ConfigError, match="'precision' = 'none'"):  # the detector's old word for fp32
+        from_dict(DetectorSettings, {"precision": "none"})
 
 
 def test_a_cpu_always_runs_fp32():

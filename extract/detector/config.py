@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from softclip.pipeline.config import from_dict, to_dict
+from softclip.pipeline.precision import Precision
 
 __all__ = ["DetectorArch", "DetectorConfig", "DetectorSettings", "DetectorTrainConfig"]
 
@@ -82,8 +83,8 @@ class DetectorSettings:
     """Test-time settings (the official VinVL extraction command's values are the defaults).
 
     ``nms_filter`` 1 is the bottom-up ("Peter Anderson") per-class NMS at ``filter1_nms_thresh`` with one
-    label per proposal; 2 is the fast class-agnostic NMS at ``nms_thresh``. ``amp`` picks autocast
-    (``"bf16"``/``"fp16"``, CUDA only) and ``channels_last`` the memory format of the convolutions.
+    label per proposal; 2 is the fast class-agnostic NMS at ``nms_thresh``. ``precision`` is the
+    project's one vocabulary (:mod:`pipeline.precision`: ``fp32``, or autocast to ``bf16``/``fp16`` on CUDA) and ``channels_last`` the memory format of the convolutions.
     """
 
     min_size: int = 600
@@ -101,7 +102,7 @@ class DetectorSettings:
     ignore_box_regression: bool = True
     attr_thresh: float = 0.05
     max_attr_per_obj: int = 16
-    amp: Literal["none", "bf16", "fp16"] = "none"
+    precision: Precision = "fp32"
     channels_last: bool = False
 
     def __post_init__(self) -> None:

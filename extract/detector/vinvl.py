@@ -3,7 +3,7 @@
 Example::
 
     detector = VinVLDetector.from_checkpoint("vinvl_vg_x152c4.pth", "VG-SGG-dicts-vgoi6-clipped.json",
-                                             device="cuda", amp="bf16")
+                                             device="cuda", precision="bf16")
     for result in detector.detect([image_a, image_b]):   # PIL RGB images of any sizes
         print(result["tags"], result["features"].shape)  # "red car, wooden table, ..." (n, 2048)
 
@@ -53,6 +53,7 @@ from softclip.extract.detector.modules import (
 )
 from softclip.extract.detector.postprocess import filter_detections, postprocess_attributes, rpn_proposals
 from softclip.pipeline.config import config_hash, load_config
+from softclip.pipeline.precision import autocast
 from softclip.pipeline.shards import box_geometry
 
 __all__ = ["BOX_REG_WEIGHTS", "DETECTOR_CONFIG_NAME", "CheckpointError", "DetectorSettingsWarning",
@@ -343,10 +344,7 @@ class VinVLDetector(nn.Module):
 
     # ------------------------------------------------------------------ public entry point
     def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
-        amp = self.settings.amp
-        if amp == "none":
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+        return autocast(device, self.settings.precision)
 
     @torch.inference_mode()
     def detect(self, images: list[Image.Image]) -> list[dict]:
