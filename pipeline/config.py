@@ -258,8 +258,9 @@ def save_config(cfg: Any, path: str | Path) -> Path:
 
 
 def config_hash(cfg: Any, length: int = 16) -> str:
-    """A stable content hash of a config (canonical JSON, sorted keys), used in cache keys."""
-    canonical = json.dumps(to_dict(cfg), sort_keys=True, separators=(",", ":"))
+    """A stable content hash of a config or plain data (SHA-256 of canonical JSON: sorted keys, no spaces),
+    the one fingerprint behind detector ids and the workflow cache's keys."""
+    canonical = json.dumps(to_dict(cfg), sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:length]
 
 

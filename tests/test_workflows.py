@@ -195,6 +195,11 @@ def test_keys_depend_on_settings_and_inputs():
         "train", {"wd": 0, "lr": 1}, {"extract": "a"})  # key order does not matter
     assert artifact_key("train", {"lr": 1}, {"extract": "a"}) != artifact_key("train", {"lr": 2}, {"extract": "a"})
     assert artifact_key("train", {"lr": 1}, {"extract": "a"}) != artifact_key("train", {"lr": 1}, {"extract": "b"})
+    # one fingerprint function (pipeline.config.config_hash), and keys that refactors do not move: a cache
+    # made by an earlier softclip stays valid
+    settings = {"a": 1, "b": [1, 2], "p": "x", "n": {"z": 0.1, "y": None}}
+    assert artifact_key("train", settings, {"extract": "abc"}) == "4030859607cf918f"
+    assert artifact_key("x", {"p": Path("/a/b"), "t": (1, 2)}, {}) == "c709e54e67a1831b"
 
 
 def test_every_shipped_workflow_loads():

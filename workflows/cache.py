@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from softclip.pipeline.config import config_hash
 from softclip.pipeline.io import atomic_write_json, file_sha256
 
 __all__ = ["Artifact", "ArtifactCache", "ArtifactInUseError", "CorruptArtifactError", "artifact_key", "default_cache_dir",
@@ -50,10 +51,8 @@ def default_cache_dir() -> Path:
 
 
 def artifact_key(kind: str, settings: Any, inputs: dict[str, str]) -> str:
-    """The cache key: SHA-256 of the kind, the canonical JSON of the settings and the input keys."""
-    canonical = json.dumps({"kind": kind, "settings": settings, "inputs": inputs}, sort_keys=True,
-                           separators=(",", ":"), default=str)
-    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+    """The cache key: :func:`pipeline.config.config_hash` of the kind, the settings and the input keys."""
+    return config_hash({"kind": kind, "settings": settings, "inputs": inputs})
 
 
 _SHA_MEMO: dict[tuple[str, int, int], str] = {}
