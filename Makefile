@@ -42,7 +42,7 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 # The speed benchmarks (JSON on stdout; see benchmarks/RESULTS.md). The shapes-world study is separate:
-# `make study` (about 70 distinct training runs, ~2.5 h on 2 cores; every run is cached on its own, so an
+# `make study` (87 training runs, about 4 min each on 2 cores: ~6 h; every run is cached on its own, so an
 # interrupted study continues, and `--methods/--seeds/--noise/--ablations` run a subset first).
 bench: setup
 	$(BIN)/python benchmarks/detector.py
