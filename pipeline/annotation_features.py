@@ -12,6 +12,8 @@ other input (ROI features, boxes, images, captions) is the detector run's, byte 
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -131,10 +133,6 @@ def write_annotation_tag_shards(packed_dir: str | Path, source: str | Path, out_
     Raises:
         KeyError: a packed sample whose key ``source`` does not have (naming the shard and the key).
     """
-    import json
-
-    from webdataset.tariterators import tarfile_samples
-
     src = open_source(source)
     objects = {s.key: s.meta.get("objects") or [] for shard in src.shards for s in src.iter_shard(shard)}
     out_dir = Path(out_dir)
@@ -142,15 +140,21 @@ def write_annotation_tag_shards(packed_dir: str | Path, source: str | Path, out_
     for tar_path in tqdm(sorted(Path(packed_dir).glob("*.tar")), desc="annotation tags", disable=not progress):
         target = out_dir / tar_path.name
         if not target.is_file():
-            samples = []
-            for sample in tarfile_samples([{"url": str(tar_path)}]):
-                meta = json.loads(sample["json"])
-                if meta["key"] not in objects:
-                    raise KeyError(f"{tar_path}: sample {meta['key']} is not in {source}; extract and annotations "
-                                   "must come from the same dataset")
-                meta["tags"] = annotation_tags(objects[meta["key"]])
-                samples.append({**{k: v for k, v in sample.items() if k not in ("__url__", "__local_path__")},
-                                "json": json.dumps(meta).encode()})
-            write_packed_shard(target, samples)
+            write_packed_shard(target, _retagged_samples(tar_path, objects, source))
         written.append(target)
     return written
+
+
+def _retagged_samples(tar_path: Path, objects: dict[str, list[dict]], source: str | Path
+                      ) -> Iterator[dict[str, bytes]]:
+    """The samples of the packed shard ``tar_path``, streamed, each json's ``tags`` from ``objects``."""
+    from webdataset.tariterators import tarfile_samples
+
+    for sample in tarfile_samples([{"url": str(tar_path)}]):
+        meta = json.loads(sample["json"])
+        if meta["key"] not in objects:
+            raise KeyError(f"{tar_path}: sample {meta['key']} is not in {source}; extract and annotations "
+                           "must come from the same dataset")
+        meta["tags"] = annotation_tags(objects[meta["key"]])
+        yield {**{k: v for k, v in sample.items() if k not in ("__url__", "__local_path__")},
+               "json": json.dumps(meta).encode()}
