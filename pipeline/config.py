@@ -36,6 +36,7 @@ __all__ = [
     "config_hash",
     "from_dict",
     "load_config",
+    "parse_overrides",
     "parse_yaml",
     "read_yaml",
     "save_config",
@@ -264,21 +265,30 @@ def config_hash(cfg: Any, length: int = 16) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:length]
 
 
-def apply_overrides(cfg: T, overrides: list[str] | tuple[str, ...], *, source: str = "command line") -> T:
-    """Return a copy of ``cfg`` with ``key.sub=value`` overrides applied (values parsed as YAML)."""
-    data = to_dict(cfg)
+def parse_overrides(overrides: list[str] | tuple[str, ...], *, source: str = "command line") -> dict[str, Any]:
+    """``key.sub=value`` overrides as ``{"key.sub": value}`` in order (values parsed as YAML): the one parser
+    of the ``--set`` syntax, for :func:`apply_overrides` and flat settings such as the detector's."""
+    parsed: dict[str, Any] = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"{source}: override '{item}' must look like key.sub=value")
         dotted, raw = item.split("=", 1)
-        keys = dotted.strip().split(".")
+        parsed[dotted.strip()] = parse_yaml(raw, f"{source}: override '{item}'")
+    return parsed
+
+
+def apply_overrides(cfg: T, overrides: list[str] | tuple[str, ...], *, source: str = "command line") -> T:
+    """Return a copy of ``cfg`` with ``key.sub=value`` overrides applied (values parsed as YAML)."""
+    data = to_dict(cfg)
+    for dotted, value in parse_overrides(overrides, source=source).items():
+        keys = dotted.split(".")
         node = data
         for depth, key in enumerate(keys[:-1]):
             if not isinstance(node.get(key), dict):
                 where = ".".join(keys[: depth + 1])
-                raise ConfigError(f"{source}: unknown key '{where}' in override '{item}'")
+                raise ConfigError(f"{source}: unknown key '{where}' in override '{dotted}=...'")
             node = node[key]
         if keys[-1] not in node:
-            raise ConfigError(f"{source}: unknown key '{dotted}' in override '{item}'")
-        node[keys[-1]] = parse_yaml(raw, f"{source}: override '{item}'")
+            raise ConfigError(f"{source}: unknown key '{dotted}' in override '{dotted}=...'")
+        node[keys[-1]] = value
     return from_dict(type(cfg), data, source=source)

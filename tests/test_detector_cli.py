@@ -74,6 +74,8 @@ def test_eval_and_detect_commands(trained: tuple[Path, Path], tmp_path: Path) ->
     assert "tags:" in result.output and drawn.is_file()
     result = CliRunner().invoke(_app(), ["detect", str(image), *common, "--json", "--set", "bogus=1"])
     assert result.exit_code != 0 and "bogus" in str(result.exception)
+    result = CliRunner().invoke(_app(), ["detect", str(image), *common, "--set", "score_thresh"])  # the one parser
+    assert result.exit_code != 0 and "'score_thresh' must look like key.sub=value" in str(result.exception)
     not_an_image = tmp_path / "notes.jpg"
     not_an_image.write_bytes(b"plain text, not a JPEG")
     result = CliRunner().invoke(_app(), ["detect", str(not_an_image), *common])

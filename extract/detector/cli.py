@@ -12,28 +12,18 @@ from pathlib import Path
 
 import typer
 
-from softclip.pipeline.config import parse_yaml
+from softclip.pipeline.config import parse_overrides
 
 __all__ = ["register"]
 
 _SET_HELP = "override as key=value (YAML value); repeatable"
 
 
-def _settings_overrides(items: list[str]) -> dict:
-    overrides = {}
-    for item in items:
-        if "=" not in item:
-            raise typer.BadParameter(f"override '{item}' must look like key=value")
-        key, raw = item.split("=", 1)
-        overrides[key.strip()] = parse_yaml(raw, f"override {item!r}")
-    return overrides
-
-
 def _load(weights: Path, labelmap: Path, config: Path | None, overrides: list[str], device: str):
     from softclip.extract.detector.vinvl import VinVLDetector
 
     return VinVLDetector.from_checkpoint(weights, labelmap, config=config, device=device,
-                                         **_settings_overrides(overrides))
+                                         **parse_overrides(overrides))
 
 
 def _draw(image, result: dict, out: Path) -> None:
