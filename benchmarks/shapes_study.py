@@ -123,9 +123,8 @@ def tagset_lift(config: WorkflowConfig, cache: ArtifactCache, tau_s: float, *, b
     import numpy as np
     import torch
 
-    from softclip.pipeline.shapes_captions import ShapesObject, sharing_matrix, target_lift
+    from softclip.pipeline.shapes_captions import sharing_matrix, target_lift
     from softclip.pipeline.shards import read_feature_table
-    from softclip.pipeline.sources import open_source
     from softclip.train.data import tagset_ids
     from softclip.train.losses import tagset_vectors
 
@@ -134,9 +133,7 @@ def tagset_lift(config: WorkflowConfig, cache: ArtifactCache, tau_s: float, *, b
     for shard in sorted(Path(records["extract"].outputs["features"]).glob("*.parquet")):
         tags |= {row["key"]: row["tags"] for row in read_feature_table(shard, ["key", "status", "tags"]).to_pylist()
                  if row["status"] == "success"}
-    source = open_source(records["dataset"].outputs["train"])
-    objects = {s.key: [ShapesObject(**{**o, "box": tuple(o["box"])}) for o in s.meta["objects"]]
-               for shard in source.shards for s in source.iter_shard(shard) if s.key in tags}
+    objects = {k: v for k, v in ground_truth_objects(config, cache).items() if k in tags}
     keys, rng, lifts, entropies = sorted(objects), np.random.default_rng(0), [], []
     for _ in range(batches):
         chosen = [keys[i] for i in rng.choice(len(keys), size=batch, replace=False)]
@@ -149,6 +146,69 @@ def tagset_lift(config: WorkflowConfig, cache: ArtifactCache, tau_s: float, *, b
         entropies.append(float(-(negatives * negatives.clamp_min(1e-300).log()).sum(dim=1).mean()))
         lifts.append(target_lift(negatives.numpy(), sharing_matrix([objects[k] for k in chosen])))
     return {"H(~Y)": statistics.fmean(entropies), "lift": statistics.fmean(lifts)}
+
+
+def ground_truth_objects(config: WorkflowConfig, cache: ArtifactCache) -> dict[str, list]:
+    """Sample key -> its annotated objects (:class:`pipeline.shapes_captions.ShapesObject`), from the run's
+    shapes training set."""
+    from softclip.pipeline.shapes_captions import ShapesObject
+    from softclip.pipeline.sources import open_source
+
+    dataset = WorkflowRunner(config, cache=cache, log=lambda _: None, until="dataset").run().records[0]
+    source = open_source(dataset.outputs["train"])
+    return {s.key: [ShapesObject(**{**o, "box": tuple(o["box"])}) for o in s.meta["objects"]]
+            for shard in source.shards for s in source.iter_shard(shard)}
+
+
+def teacher_lift(train_dir: Path, objects: dict[str, list], *, batches: int = 20) -> dict[str, float]:
+    """The trained run's own soft targets at the end of training, on ``batches`` batches of its training data
+    (first epoch's order): per direction, the negatives-only entropy ``H(~Y)`` and the lift against the
+    ground-truth objects (:func:`pipeline.shapes_captions.target_lift`; 1.0 = uninformative). Built by the
+    run's own loss (:meth:`train.losses.SoftCLIPLoss._log_similarity`) from the views the training step gives
+    it; empty for runs without soft targets or with uniform ones."""
+    import dataclasses
+
+    import torch
+
+    from softclip.pipeline.config import from_dict
+    from softclip.pipeline.shapes_captions import sharing_matrix, target_lift
+    from softclip.train.checkpoint import load_checkpoint
+    from softclip.train.config import TrainConfig
+    from softclip.train.data import TrainData
+    from softclip.train.loop import _loss_fn, _teacher_views
+    from softclip.train.losses import disentangled_negatives, negatives_entropy
+    from softclip.train.model import build_model
+
+    checkpoint = load_checkpoint(train_dir / "checkpoints" / "latest.pt")
+    cfg = from_dict(TrainConfig, checkpoint["config"], source=str(train_dir))
+    loss_fn = _loss_fn(cfg, 1)
+    sides = {d: t for d, t in (("i2t", cfg.loss.image_target), ("t2i", cfg.loss.text_target))
+             if t not in ("none", "uniform")}
+    if (cfg.loss.lam == 0 and cfg.loss.mu == 0) or not sides:
+        return {}
+    model, transform, _, tokenizer = build_model(cfg.model, ema_text="ema_text" in loss_fn.views)
+    model.clip.load_state_dict(checkpoint["state_dict"])
+    model.roi.load_state_dict(checkpoint["roi_state_dict"])
+    if model.ema_text is not None:
+        model.ema_text.load_state_dict(checkpoint["ema_state_dict"])
+    data = TrainData(dataclasses.replace(cfg.data, num_workers=0), transform=transform, tokenizer=tokenizer,
+                     feature_dim=cfg.model.roi_feature_dim, seed=cfg.seed)
+    values = collections.defaultdict(list)
+    with torch.no_grad():
+        for _, batch in zip(range(batches), data.epoch_batches(0)):
+            out = model.eval()(batch["images"], batch["texts"], tags=batch["tags"], ema_tags=batch["tags"]
+                               if model.ema_text is not None else None, roi_features=batch["roi_features"],
+                               roi_geometry=batch["roi_geometry"], roi_mask=batch["roi_mask"])
+            views = _teacher_views(out, batch, loss_fn.views, torch.device("cpu"))
+            own = {"i2t": out["image"], "t2i": out["text"]}
+            tau = {"i2t": cfg.loss.tau_image, "t2i": cfg.loss.tau_text}
+            shared = sharing_matrix([objects[k] for k in batch["keys"]])
+            for direction, source in sides.items():
+                log_y = loss_fn._log_similarity(source, views, own[direction], tau[direction]).double()
+                values[f"teacher_H(~Y)_{direction}"].append(float(negatives_entropy(log_y)))
+                values[f"teacher_lift_{direction}"].append(
+                    target_lift(disentangled_negatives(log_y).exp().numpy(), shared))
+    return {name: statistics.fmean(v) for name, v in values.items()}
 
 
 def eval_set_stats(config: WorkflowConfig, cache: ArtifactCache) -> dict[str, float]:
@@ -178,6 +238,38 @@ def final_monitors(train_dir: Path) -> dict[str, float]:
         last |= {k: v for k, v in row.items() if isinstance(v, (int, float)) and
                  k.startswith(("loss", "entropy", "neg_entropy", "cos_", "lift"))}
     return last
+
+
+def cached_teacher_lift(train_dir: Path, objects: dict[str, list], folder: Path) -> dict[str, float]:
+    """:func:`teacher_lift` of a training run, kept in ``folder/<run key>.json`` (a finished run's teacher
+    does not change, and a rerun of the study should not recompute it)."""
+    path = folder / f"{train_dir.name}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    values = teacher_lift(train_dir, objects)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, values)
+    return values
+
+
+def lift_table(lifts: dict) -> list[str]:
+    """Markdown lines: per run and noise level, the trained teachers' H(~Y) and lift, mean over seeds."""
+    rows = collections.defaultdict(list)
+    for (name, noise, _), values in lifts.items():
+        if "teacher_lift_i2t" in values or "teacher_lift_t2i" in values:
+            rows[name, noise].append(values)
+    text = ["### The trained teachers", "",
+            "Each run's own soft targets after training, on 20 batches of 64 of its training data: negatives-only "
+            "entropy H(~Y) in nats and lift (as above), image->text target (i2t) and text->image target (t2i), mean "
+            "over seeds; '-' where that side has no target or a uniform one.", "",
+            "| run | noise | seeds | H(~Y) i2t | lift i2t | H(~Y) t2i | lift t2i |", "|---|---|---|---|---|---|---|"]
+    for (name, noise), values in sorted(rows.items(), key=lambda x: (x[0][1], x[0][0])):
+        cells = []
+        for key in ("teacher_H(~Y)_i2t", "teacher_lift_i2t", "teacher_H(~Y)_t2i", "teacher_lift_t2i"):
+            have = [v[key] for v in values if key in v]
+            cells.append(f"{statistics.fmean(have):.2f}" if have else "-")
+        text.append(f"| {name} | {noise} | {len(values)} | " + " | ".join(cells) + " |")
+    return text + [""]
 
 
 def summary(values: list[float]) -> dict:
@@ -290,7 +382,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     start = time.perf_counter()
     cache = ArtifactCache(args.cache_dir)
-    results, monitors, compute = {}, {}, {}
+    results, monitors, compute, objects, lifts = {}, {}, {}, {}, {}
     runs = planned_runs(args)
     missing = []
     for i, (name, features, overrides, noise, seed) in enumerate(runs, start=1):
@@ -300,7 +392,11 @@ def main(argv: list[str] | None = None) -> dict:
             missing.append(f"{name} @ {noise} seed {seed}")
             continue
         results[name, noise, seed], train_dir = run_one(config, cache, compute)
-        monitors[f"{name} @ {noise} seed {seed}"] = final_monitors(train_dir)
+        if noise not in objects:
+            objects[noise] = ground_truth_objects(config, cache)
+        monitors[f"{name} @ {noise} seed {seed}"] = final_monitors(train_dir) | cached_teacher_lift(
+            train_dir, objects[noise], args.out / "teacher_lift")
+        lifts[name, noise, seed] = monitors[f"{name} @ {noise} seed {seed}"]
     calibration = {}
     for features in ("detector", "annotations"):
         config = run_workflow("calibration", features, [], args.noise[0], 0, args)
@@ -342,6 +438,7 @@ def main(argv: list[str] | None = None) -> dict:
              "truly share a colour+shape over its base rate; 1.0 = uninformative), mean of 40 random batches of 64.",
              "", "| tags, tau_s | H(~Y) | lift |", "|---|---|---|"]
     text += [f"| {name} | {row['H(~Y)']:.2f} | {row['lift']:.2f} |" for name, row in calibration.items()] + [""]
+    text += lift_table(lifts)
     args.out.mkdir(parents=True, exist_ok=True)
     payload = {"command": command.strip(), "seeds": args.seeds, "noise_kind": args.noise_kind,
                "epochs": args.epochs, "num_train": args.num_train, "num_eval": args.num_eval,

@@ -124,3 +124,23 @@ def test_eval_set_stats_give_the_chance_of_a_random_ranking(study, tmp_path):
     # a random ranking puts a fitting image first with probability (images it fits) / images
     assert stats["chance_text_to_image_R@1"] == pytest.approx(100 * stats["mean_fit"] / 30)
     assert stats["chance_image_to_text_R@1"] == pytest.approx(stats["chance_text_to_image_R@1"])  # same pairs
+
+
+def test_teacher_lift_reads_a_trained_runs_own_targets(study, tmp_path):
+    from softclip.workflows.cache import ArtifactCache
+    from softclip.workflows.runner import WorkflowRunner
+
+    args = study.parse_args(["--noise", "0.4", "--num-train", "64", "--num-eval", "4", "--quick"])
+    # ground-truth tags on the text side, the ROI aggregator (20 steps old) on the image side
+    overrides = ["loss.image_target=roi", "loss.text_target=tagset", *study.ROI]
+    config = study.run_workflow("lift", "annotations", overrides, 0.4, 0, args)
+    cache = ArtifactCache(tmp_path / "cache")
+    train = next(r for r in WorkflowRunner(config, cache=cache, log=lambda _: None, until="train").run().records
+                 if r.stage == "train")
+    objects = study.ground_truth_objects(config, cache)
+    lift = study.cached_teacher_lift(train.path, objects, tmp_path / "lift")
+    assert set(lift) == {"teacher_H(~Y)_i2t", "teacher_lift_i2t", "teacher_H(~Y)_t2i", "teacher_lift_t2i"}
+    assert 0 < lift["teacher_H(~Y)_t2i"] < np.log(63) and lift["teacher_lift_t2i"] > 3.0  # the true objects
+    assert 0 < lift["teacher_H(~Y)_i2t"] <= np.log(63) + 1e-9 and lift["teacher_lift_i2t"] > 0
+    assert json.loads((tmp_path / "lift" / f"{train.path.name}.json").read_text()) == lift  # kept for reruns
+    assert "| lift | 0.4 | 1 |" in "\n".join(study.lift_table({("lift", 0.4, 0): lift}))
