@@ -230,13 +230,16 @@ def complete(config: WorkflowConfig, cache: ArtifactCache, until: str) -> bool:
     return all(r.cached for r in WorkflowRunner(config, cache=cache, until=until).plan())
 
 
-def final_monitors(train_dir: Path) -> dict[str, float]:
-    """The last logged value of every monitor the training loop wrote to ``metrics.jsonl`` (entropies,
-    cosines, loss terms, lift), so the study reports whatever the loss logs."""
+def final_monitors(train_dir: Path, every_n_steps: int = 10) -> dict[str, float]:
+    """The last value of every monitor the training loop wrote to ``metrics.jsonl`` (entropies, cosines, loss
+    terms, lift) at a regular log step (``step`` a multiple of ``every_n_steps``, the study's
+    ``log.every_n_steps``), so the study reports whatever the loss logs. The run's final step is left out:
+    here it is the last, partial batch of an epoch (5,000 = 78 x 64 + 8), whose H(~Y) is bounded by ln 7."""
     last: dict[str, float] = {}
     for row in map(json.loads, (train_dir / "metrics.jsonl").read_text().splitlines()):
-        last |= {k: v for k, v in row.items() if isinstance(v, (int, float)) and
-                 k.startswith(("loss", "entropy", "neg_entropy", "cos_", "lift"))}
+        if row.get("step", 0) % every_n_steps == 0:
+            last |= {k: v for k, v in row.items() if isinstance(v, (int, float)) and
+                     k.startswith(("loss", "entropy", "neg_entropy", "cos_", "lift"))}
     return last
 
 

@@ -60,10 +60,11 @@ def test_subsets_add_each_methods_baseline(study):
         study.parse_args(["--methods", "clipp"])
 
 
-def test_final_monitors_keep_the_last_logged_value(study, tmp_path):
+def test_final_monitors_keep_the_last_value_logged_at_a_regular_step(study, tmp_path):
     rows = [{"step": 10, "loss": 3.0, "neg_entropy_i2t": 1.0, "lr": 0.1},
-            {"step": 20, "loss": 2.5, "lift": 1.8}, {"step": 23, "epoch": 1}]
+            {"step": 20, "loss": 2.5, "lift": 1.8}, {"step": 23, "epoch": 1, "neg_entropy_i2t": 0.5, "loss": 1.0}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # step 23, the run's last (a partial batch), is left out
     assert study.final_monitors(tmp_path) == {"loss": 2.5, "neg_entropy_i2t": 1.0, "lift": 1.8}
 
 
