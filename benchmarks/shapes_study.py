@@ -193,15 +193,15 @@ def teacher_lift(train_dir: Path, objects: dict[str, list], *, batches: int = 20
         model.ema_text.load_state_dict(checkpoint["ema_state_dict"])
     data = TrainData(dataclasses.replace(cfg.data, num_workers=0), transform=transform, tokenizer=tokenizer,
                      feature_dim=cfg.model.roi_feature_dim, seed=cfg.seed)
-    values = collections.defaultdict(list)
+    values, tau = collections.defaultdict(list), {"i2t": cfg.loss.tau_image, "t2i": cfg.loss.tau_text}
+    model.eval()
     with torch.no_grad():
         for _, batch in zip(range(batches), data.epoch_batches(0)):
-            out = model.eval()(batch["images"], batch["texts"], tags=batch["tags"], ema_tags=batch["tags"]
+            out = model(batch["images"], batch["texts"], tags=batch["tags"], ema_tags=batch["tags"]
                                if model.ema_text is not None else None, roi_features=batch["roi_features"],
                                roi_geometry=batch["roi_geometry"], roi_mask=batch["roi_mask"])
             views = _teacher_views(out, batch, loss_fn.views, torch.device("cpu"))
             own = {"i2t": out["image"], "t2i": out["text"]}
-            tau = {"i2t": cfg.loss.tau_image, "t2i": cfg.loss.tau_text}
             shared = sharing_matrix([objects[k] for k in batch["keys"]])
             for direction, source in sides.items():
                 log_y = loss_fn._log_similarity(source, views, own[direction], tau[direction]).double()
