@@ -59,6 +59,7 @@ METHODS = {  # name -> (features, training overrides); features: "detector", "an
     "oracle_pixels": ("annotations", ["loss.image_target=tagset", "loss.text_target=tagset", *ROI]),
     "oracle_pixels_control": ("annotations", [*CLIP, *ROI]),
 }
+DEFAULT_METHODS = ("clip", "control", "softclip", "label_smoothing", "oracle")  # oracle_pixels*: on request
 BASELINE = {"oracle_pixels": "oracle_pixels_control"}  # every other method is paired with "control"
 ABLATIONS = {  # SoftCLIP with one switch changed
     **{f"aggregator={a}": ["model.aggregator=" + a] for a in ("mhsa", "pool", "mean", "max", "min")},
@@ -347,7 +348,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
     parser.add_argument("--noise", default="0.2,0.4", help="comma-separated noise levels of part 1")
     parser.add_argument("--noise-kind", default="caption", choices=("caption", "attribute", "partial", "hallucination"))
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"part 1 methods, of {', '.join(METHODS)}")
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                        help=f"part 1 methods, of {', '.join(METHODS)} (default: {', '.join(DEFAULT_METHODS)})")
     parser.add_argument("--ablation-noise", type=float, default=0.4)
     parser.add_argument("--ablations", default=",".join(ABLATIONS), help="part 2 variants, or 'none'")
     parser.add_argument("--num-train", type=int, default=5000)

@@ -145,3 +145,16 @@ def test_teacher_lift_reads_a_trained_runs_own_targets(study, tmp_path):
     assert 0 < lift["teacher_H(~Y)_i2t"] <= np.log(63) + 1e-9 and lift["teacher_lift_i2t"] > 0
     assert json.loads((tmp_path / "lift" / f"{train.path.name}.json").read_text()) == lift  # kept for reruns
     assert "| lift | 0.4 | 1 |" in "\n".join(study.lift_table({("lift", 0.4, 0): lift}))
+
+
+def test_the_default_grid_is_the_issues_study(study):
+    from softclip.pipeline.config import apply_overrides, load_config, to_dict
+    from softclip.train.config import TrainConfig
+
+    runs = study.planned_runs(study.parse_args([]))
+    assert {r[0] for r in runs if r[3] == 0.2} == {"clip", "control", "softclip", "label_smoothing", "oracle"}
+    base = load_config(TrainConfig, ROOT / study.TRAIN_CONFIG)
+    distinct = {(features, noise, seed, json.dumps(to_dict(apply_overrides(base, overrides)), sort_keys=True))
+                for _, features, overrides, noise, seed in runs}
+    # 5 methods x 2 noise levels x 3 seeds, and 12 ablations that differ from the default x 3 seeds
+    assert len(distinct) == 30 + 12 * 3
