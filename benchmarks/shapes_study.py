@@ -370,6 +370,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def shipped_ablations() -> list[str]:
+    """The ablations that change nothing: their switch is already the shipped config's setting, so the
+    ``softclip`` run is that variant (they are not run twice)."""
+    from softclip.pipeline.config import apply_overrides, load_config
+    from softclip.train.config import TrainConfig
+
+    shipped = load_config(TrainConfig, ROOT / TRAIN_CONFIG)
+    return [name for name, overrides in ABLATIONS.items() if apply_overrides(shipped, overrides) == shipped]
+
+
 def planned_runs(args) -> list[tuple[str, str, list[str], float, int]]:
     """``(name, features, overrides, noise, seed)`` of every run asked for; a method's baseline is added."""
     methods = list(dict.fromkeys(m for name in args.methods for m in (BASELINE.get(name, "control"), name)))
@@ -377,7 +387,7 @@ def planned_runs(args) -> list[tuple[str, str, list[str], float, int]]:
     runs = [(m, *METHODS[m], noise, seed) for noise in args.noise for seed in args.seeds for m in methods]
     if args.ablations:
         runs += [(f"softclip {a}", "detector", ABLATIONS[a], args.ablation_noise, seed)
-                 for a in args.ablations for seed in args.seeds]
+                 for a in args.ablations if a not in shipped_ablations() for seed in args.seeds]
         runs += [(m, *METHODS[m], args.ablation_noise, seed) for m in ("control", "softclip") for seed in args.seeds
                  if (m, args.ablation_noise) not in {(r[0], r[3]) for r in runs}]
     return runs
@@ -435,6 +445,9 @@ def main(argv: list[str] | None = None) -> dict:
                  "image->text \"any fit\" R@1 (chance).", ""]
     if missing:
         text += [f"Not run yet ({len(missing)}, left out of every table): " + "; ".join(missing) + ".", ""]
+    same = [a for a in args.ablations if a in shipped_ablations()]
+    if same:
+        text += [f"Ablations that are the shipped setting, so the `softclip` row: {', '.join(same)}.", ""]
     for setting in absolute:
         text.append(markdown_table(f"Paired differences at {setting}", paired[setting], paired=True))
         text.append(markdown_table(f"Absolute values at {setting}", absolute[setting], paired=False))

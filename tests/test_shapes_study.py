@@ -153,6 +153,8 @@ def test_the_default_grid_is_the_issues_study(study):
 
     runs = study.planned_runs(study.parse_args([]))
     assert {r[0] for r in runs if r[3] == 0.2} == {"clip", "control", "softclip", "label_smoothing", "oracle"}
+    assert set(study.shipped_ablations()) == {"aggregator=pool", "image_target=roi", "text_target=tagset"}
+    assert not {f"softclip {a}" for a in study.shipped_ablations()} & {r[0] for r in runs}  # the softclip row
     base = load_config(TrainConfig, ROOT / study.TRAIN_CONFIG)
     distinct = {(features, noise, seed, json.dumps(to_dict(apply_overrides(base, overrides)), sort_keys=True))
                 for _, features, overrides, noise, seed in runs}
