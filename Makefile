@@ -42,8 +42,9 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 # The speed benchmarks (JSON on stdout; see benchmarks/RESULTS.md). The shapes-world study is separate:
-# `make study` (87 training runs, about 4 min each on 2 cores: ~6 h; every run is cached on its own, so an
-# interrupted study continues, and `--methods/--seeds/--noise/--ablations` run a subset first).
+# `make study` (the issue's grid: 66 training runs, a median of 133 s each on an idle 2-core machine, ~2.5 h;
+# every run is cached on its own, so an interrupted study continues, and `--methods/--seeds/--noise/--ablations`
+# run a subset first).
 bench: setup
 	$(BIN)/python benchmarks/detector.py
 	$(BIN)/python benchmarks/extract_job.py --weights extract/weights/shapes/model.pth \
