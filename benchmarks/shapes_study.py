@@ -386,8 +386,9 @@ def planned_runs(args) -> list[tuple[str, str, list[str], float, int]]:
     # seed by seed, so that an interrupted study already holds complete pairs
     runs = [(m, *METHODS[m], noise, seed) for noise in args.noise for seed in args.seeds for m in methods]
     if args.ablations:
+        shipped = shipped_ablations()
         runs += [(f"softclip {a}", "detector", ABLATIONS[a], args.ablation_noise, seed)
-                 for a in args.ablations if a not in shipped_ablations() for seed in args.seeds]
+                 for a in args.ablations if a not in shipped for seed in args.seeds]
         runs += [(m, *METHODS[m], args.ablation_noise, seed) for m in ("control", "softclip") for seed in args.seeds
                  if (m, args.ablation_noise) not in {(r[0], r[3]) for r in runs}]
     return runs
